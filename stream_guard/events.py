@@ -1,0 +1,223 @@
+"""Event contracts on the wire: UploadEvent in, Verdict / Escalation / DeadLetter out.
+
+Each model carries ``schema_version``. Readers tolerate unknown fields (``extra="ignore"``) so a
+producer can add fields without breaking us; missing required fields are an error. The JSON
+Schema of every model is committed under ``stream_guard/schemas/`` and checked by a test.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+MAX_IMAGES = 16
+MAX_TEXT_CHARS = 20_000
+
+UploadId = Annotated[str, Field(pattern=ID_PATTERN, description="Platform's id of the upload")]
+TenantId = Annotated[str, Field(pattern=ID_PATTERN, description="Tenant that owns the upload")]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ContentForm(StrEnum):
+    """ShieldVLM's three forms of content: how the text relates to the images."""
+
+    STATEMENT = "statement"  # a caption, title or post
+    PROMPT = "prompt"  # a user's chat prompt
+    DIALOG = "dialog"  # a prompt and a model's response
+
+
+class ImageRef(_Event):
+    uri: str = Field(description="s3://bucket/key of the object; other schemes are refused")
+    content_type: str | None = Field(default=None, description="Declared MIME type, if known")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith("s3://") or "/" not in v[5:] or v.endswith("/"):
+            raise ValueError("image uri must look like s3://bucket/key")
+        return v
+
+    @property
+    def bucket(self) -> str:
+        return self.uri[5:].split("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        return self.uri[5:].split("/", 1)[1]
+
+
+class UploadText(_Event):
+    model_config = ConfigDict(extra="ignore", frozen=True, str_max_length=MAX_TEXT_CHARS)
+
+    caption: str | None = None
+    title: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+    @property
+    def form(self) -> ContentForm:
+        if self.response:
+            return ContentForm.DIALOG
+        if self.prompt:
+            return ContentForm.PROMPT
+        return ContentForm.STATEMENT
+
+    def joined(self) -> str:
+        """All text of the upload as one string, in a stable order, for the text tower."""
+        parts = [self.title, self.caption, self.prompt, self.response]
+        return "\n".join(p for p in parts if p)
+
+
+class UploadEvent(_Event):
+    """Published by the platform to ``guard.uploads`` (key: upload_id) for every user upload."""
+
+    schema_version: Literal[1] = 1
+    upload_id: UploadId
+    tenant_id: TenantId = "default"
+    created_at: datetime | None = None
+    images: list[ImageRef] = Field(default_factory=list, max_length=MAX_IMAGES)
+    text: UploadText = Field(default_factory=UploadText)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> UploadEvent:
+        if not self.images and not self.text.joined():
+            raise ValueError("an upload needs at least one image or some text")
+        return self
+
+
+class Decision(StrEnum):
+    ALLOW = "allow"
+    BLOCK = "block"
+    ESCALATE = "escalate"  # provisional: the reasoning tier decides
+    REVIEW = "review"  # a person decides (published to guard.review)
+
+
+class Mode(StrEnum):
+    FAST = "fast"
+    REASONING = "reasoning"
+
+
+class CategoryScore(_Event):
+    code: str
+    name: str
+    score: float = Field(ge=0.0, le=1.0)
+    decision: Decision
+
+
+class Reasoning(_Event):
+    """What the reasoning tier said, attached to its final verdict."""
+
+    model: str
+    prompt_format: str
+    decision: Decision
+    categories: list[str] = Field(default_factory=list)
+    rationale: str = ""
+    trust: Literal["override", "advisory"] = "advisory"
+    agreed_with_fast: bool | None = None
+
+
+class Verdict(_Event):
+    """Published to ``guard.verdicts`` (key: upload_id).
+
+    ``final`` is false only for the provisional verdict of an escalated upload. A final verdict
+    is deterministic for (upload_id, policy_version): redelivery yields an identical record, so
+    consumers de-duplicate by key. It therefore carries no wall-clock processing time.
+    """
+
+    schema_version: Literal[1] = 1
+    verdict_id: str
+    upload_id: UploadId
+    tenant_id: TenantId
+    decision: Decision
+    final: bool
+    mode: Mode
+    flagged: list[str] = Field(default_factory=list, description="codes of flagged categories")
+    categories: list[CategoryScore]
+    policy_id: str
+    policy_version: str
+    model_name: str
+    model_version: str
+    reasoning: Reasoning | None = None
+    review_reason: str | None = None
+
+    @staticmethod
+    def make_id(upload_id: str, policy_version: str, mode: Mode, final: bool) -> str:
+        raw = f"{upload_id}|{policy_version}|{mode}|{int(final)}".encode()
+        return hashlib.sha256(raw).hexdigest()[:32]
+
+
+class Evidence(_Event):
+    """Fast-mode evidence for the reasoning tier (words for a text-only model)."""
+
+    image_detections: list[dict[str, float]] = Field(default_factory=list)
+    ocr_text: str = ""
+    top_categories: list[CategoryScore] = Field(default_factory=list)
+
+
+class Escalation(_Event):
+    """Published to ``guard.escalations`` for uploads in the policy's uncertain band."""
+
+    schema_version: Literal[1] = 1
+    upload: UploadEvent
+    fast_verdict: Verdict
+    evidence: Evidence = Field(default_factory=Evidence)
+
+
+class SourceRef(_Event):
+    topic: str
+    partition: int
+    offset: int
+
+
+class DeadLetter(_Event):
+    """Published to ``guard.dlq``: the original bytes and why they could not be processed."""
+
+    schema_version: Literal[1] = 1
+    upload_id: str | None = None
+    error_code: str
+    reason: str
+    stage: str
+    attempts: int = 1
+    source: SourceRef | None = None
+    original_key_b64: str | None = None
+    original_value_b64: str
+    failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @staticmethod
+    def encode(raw: bytes | None) -> str | None:
+        return None if raw is None else base64.b64encode(raw).decode()
+
+    def original_value(self) -> bytes:
+        return base64.b64decode(self.original_value_b64)
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "upload_event": UploadEvent,
+    "verdict": Verdict,
+    "escalation": Escalation,
+    "dead_letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, str]:
+    """The committed JSON Schema text of each event model, keyed by file stem."""
+    return {
+        name: json.dumps(model.model_json_schema(mode="serialization"), indent=2, sort_keys=True)
+        + "\n"
+        for name, model in EVENT_MODELS.items()
+    }

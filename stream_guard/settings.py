@@ -62,7 +62,10 @@ class TritonSettings(_Group):
     url: str = "127.0.0.1:8001"
     text_model: str = "text_encoder"
     image_model: str = "image_detector"
-    head_model: str = "guard_head"
+    head_model: str = "guard_head"  # prefix: the head of policy P is <prefix>_<P's policy_id>
+    model_repository: Path | None = Field(
+        default=None, description="repository dir this worker writes new head versions to"
+    )
     timeout_s: float = Field(default=10.0, gt=0)
     ssl: bool = False
     root_certificates: Path | None = None

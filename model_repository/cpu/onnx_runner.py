@@ -1,0 +1,56 @@
+"""Triton Python-backend model that runs an ONNX file with onnxruntime (CPU flavour).
+
+The GPU flavour serves the same file with `platform: "onnxruntime_onnx"` or a TensorRT plan;
+this runner exists because the pip-installed tritonserver has the Python backend only. Tensor
+names and dtypes come from config.pbtxt (never hard-coded), and every request of a dynamic
+batch runs in ONE onnxruntime call, then the rows are split back per request.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            os.path.join(version_dir, params.get("onnx_file", "model.onnx")),
+            sess_options=opts,
+            providers=["CPUExecutionProvider"],
+        )
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [
+            (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
+        ]
+
+    def execute(self, requests):
+        arrays = {name: [] for name in self.inputs}
+        sizes = []
+        for request in requests:
+            for name in self.inputs:
+                arrays[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+            sizes.append(arrays[self.inputs[0]][-1].shape[0])
+        feeds = {name: np.concatenate(parts) for name, parts in arrays.items()}
+        try:
+            results = self.session.run([n for n, _ in self.outputs], feeds)
+        except Exception as e:  # one bad batch must not kill the model: fail each request
+            error = pb_utils.TritonError(f"onnxruntime failed: {e}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses, start = [], 0
+        for size in sizes:
+            tensors = [
+                pb_utils.Tensor(name, result[start : start + size].astype(dtype))
+                for (name, dtype), result in zip(self.outputs, results)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses

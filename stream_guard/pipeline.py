@@ -1,0 +1,260 @@
+"""The fast-mode stage: a batch of Kafka records in, the records to publish out.
+
+No Kafka here: the agent hands in records and publishes what comes back, so this logic is
+testable on its own. Per record the outcome is a final verdict, a provisional verdict plus an
+escalation, or a dead letter. Permanent errors (bad event, missing object, hostile image) end
+that one record in the DLQ; transient errors (S3 or Triton down) raise, and the agent retries
+the whole batch later without acking anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import ValidationError
+
+from .errors import ErrorCode, EventError, PermanentError
+from .events import (
+    DeadLetter,
+    Decision,
+    Escalation,
+    Evidence,
+    Mode,
+    SourceRef,
+    UploadEvent,
+    Verdict,
+)
+from .inference import EMBED_DIM, N_SIGNALS, GuardModels
+from .media import ImageLimits, decode_image, preprocess_for_detector
+from .policies_runtime import ActiveHead, PolicyRegistry
+from .policy import IMAGE_SIGNALS
+from .settings import Settings
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed Kafka record, as the pipeline sees it."""
+
+    key: bytes | None
+    value: bytes
+    topic: str
+    partition: int
+    offset: int
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True)
+class Output:
+    role: str  # "verdicts" | "escalations" | "dlq" | "review"
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+
+@dataclass
+class Result:
+    record: Record
+    outcome: str  # allow | block | escalate | dlq
+    outputs: list[Output]
+    upload_id: str | None = None
+    error_code: str | None = None
+
+
+def dead_letter(record: Record, error: PermanentError, upload_id: str | None = None) -> Result:
+    letter = DeadLetter(
+        upload_id=upload_id,
+        error_code=str(error.code),
+        reason=error.reason,
+        stage=error.stage,
+        source=SourceRef(topic=record.topic, partition=record.partition, offset=record.offset),
+        original_key_b64=DeadLetter.encode(record.key),
+        original_value_b64=DeadLetter.encode(record.value) or "",
+    )
+    log.warning("dead-lettered %s: %s", record.where, error)
+    out = Output("dlq", record.key, letter.to_bytes(), _trace_headers(record))
+    return Result(record, "dlq", [out], upload_id, str(error.code))
+
+
+def _trace_headers(record: Record) -> dict[str, bytes]:
+    return {k: v for k, v in record.headers.items() if k in ("traceparent", "tracestate")}
+
+
+def parse_upload(record: Record, max_bytes: int) -> UploadEvent:
+    if len(record.value) > max_bytes:
+        raise EventError(
+            ErrorCode.EVENT_TOO_LARGE,
+            f"event is {len(record.value)} bytes, over the {max_bytes}-byte limit",
+            stage="parse",
+        )
+    try:
+        data = json.loads(record.value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EventError(ErrorCode.EVENT_MALFORMED, f"not JSON: {e}", stage="parse") from e
+    if isinstance(data, dict) and isinstance(data.get("schema_version"), int):
+        if data["schema_version"] > 1:
+            raise EventError(
+                ErrorCode.EVENT_UNSUPPORTED_SCHEMA,
+                f"schema_version {data['schema_version']} is newer than this worker reads (1)",
+                stage="parse",
+            )
+    try:
+        return UploadEvent.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()[:5]
+        )
+        raise EventError(ErrorCode.EVENT_MALFORMED, problems, stage="parse") from e
+
+
+@dataclass
+class _Item:
+    record: Record
+    upload: UploadEvent
+    head: ActiveHead
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+class Moderator:
+    """Turns batches of upload records into verdicts, escalations and dead letters."""
+
+    def __init__(
+        self, settings: Settings, models: GuardModels, store: ObjectStore, registry: PolicyRegistry
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.registry = registry
+        self.limits = ImageLimits(
+            max_bytes=settings.s3.max_object_bytes,
+            max_pixels=settings.media.max_pixels,
+            max_side=settings.media.max_side,
+            max_frames=settings.media.max_frames,
+        )
+        self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
+
+    async def _load_image(self, ref) -> np.ndarray:
+        obj = await self.store.fetch(ref)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type)
+
+    def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
+        image = decode_image(data, content_type=content_type, limits=self.limits)
+        prepared = preprocess_for_detector(image.rgb)
+        return prepared[0] if isinstance(prepared, tuple) else getattr(prepared, "image", prepared)
+
+    async def _prepare(self, record: Record) -> _Item | Result:
+        try:
+            upload = parse_upload(record, self.settings.kafka.max_event_bytes)
+        except PermanentError as e:
+            return dead_letter(record, e)
+        item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id))
+        try:
+            item.images = list(await asyncio.gather(*(self._load_image(r) for r in upload.images)))
+        except PermanentError as e:
+            return dead_letter(record, e, upload.upload_id)
+        return item
+
+    async def process(self, records: Sequence[Record]) -> list[Result]:
+        prepared = await asyncio.gather(*(self._prepare(r) for r in records))
+        items = [p for p in prepared if isinstance(p, _Item)]
+        if items:
+            scored = await self._score(items)
+        results: list[Result] = []
+        for p in prepared:
+            results.append(p if isinstance(p, Result) else self._decide(p, scored[id(p)]))
+        return results
+
+    async def _score(self, items: list[_Item]) -> dict[int, np.ndarray]:
+        with_text = [i for i in items if i.upload.text.joined()]
+        all_images = [img for i in items for img in i.images]
+        emb_task = self.models.embed_texts([i.upload.text.joined() for i in with_text])
+        det_task = self.models.detect(np.stack(all_images) if all_images else np.zeros((0,)))
+        embeddings, signals = await asyncio.gather(emb_task, det_task)
+        emb_by_item = {id(i): embeddings[n] for n, i in enumerate(with_text)}
+        per_item_signals: dict[int, np.ndarray] = {}
+        start = 0
+        for i in items:
+            n = len(i.images)
+            # An upload is as unsafe as its worst image: the element-wise max over its images.
+            per_item_signals[id(i)] = (
+                signals[start : start + n].max(axis=0) if n else np.zeros(N_SIGNALS, np.float32)
+            )
+            start += n
+        groups: dict[tuple[str, int], list[_Item]] = {}
+        for i in items:
+            groups.setdefault((i.head.model_name, i.head.version), []).append(i)
+        scores: dict[int, np.ndarray] = {}
+        for (model, version), group in groups.items():
+            emb = np.stack([emb_by_item.get(id(i), np.zeros(EMBED_DIM, np.float32)) for i in group])
+            sig = np.stack([per_item_signals[id(i)] for i in group])
+            out = await self.models.score(model, version, emb, sig)
+            for n, i in enumerate(group):
+                scores[id(i)] = out[n]
+                i.signals = sig[n]  # type: ignore[attr-defined]
+        return scores
+
+    def _decide(self, item: _Item, scores: np.ndarray) -> Result:
+        policy = item.head.policy
+        upload = item.upload
+        decision, categories = policy.decide(dict(zip(policy.codes, scores.tolist(), strict=True)))
+        flagged = [c.code for c in categories if c.decision != Decision.ALLOW]
+        final = decision != Decision.ESCALATE
+        verdict = Verdict(
+            verdict_id=Verdict.make_id(upload.upload_id, policy.effective_version, Mode.FAST, final),
+            upload_id=upload.upload_id,
+            tenant_id=upload.tenant_id,
+            decision=decision,
+            final=final,
+            mode=Mode.FAST,
+            flagged=flagged,
+            categories=categories,
+            policy_id=policy.policy_id,
+            policy_version=policy.effective_version,
+            model_name=item.head.model_name,
+            model_version=str(item.head.version),
+        )
+        headers = _trace_headers(item.record)
+        key = upload.upload_id.encode()
+        outputs = [Output("verdicts", key, verdict.to_bytes(), headers)]
+        if decision == Decision.ESCALATE:
+            signals = getattr(item, "signals", np.zeros(N_SIGNALS))
+            detections = [
+                {name: round(float(s), 4)}
+                for name, s in zip(IMAGE_SIGNALS, signals, strict=True)
+                if s >= 0.2
+            ]
+            top = sorted(categories, key=lambda c: c.score, reverse=True)[:5]
+            escalation = Escalation(
+                upload=upload,
+                fast_verdict=verdict,
+                evidence=Evidence(image_detections=detections, top_categories=top),
+            )
+            outputs.append(Output("escalations", key, escalation.to_bytes(), headers))
+        return Result(item.record, str(decision), outputs, upload.upload_id)
+
+    async def judge(self, upload: UploadEvent, images: list[np.ndarray]) -> Result:
+        """Score one upload whose images are already decoded (the `moderate` CLI path)."""
+        record = Record(upload.upload_id.encode(), upload.to_bytes(), "<local>", 0, 0)
+        item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id), images)
+        scores = await self._score([item])
+        return self._decide(item, scores[id(item)])
+
+    def decode_local(self, data: bytes, content_type: str | None = None) -> np.ndarray:
+        return self._decode(data, content_type)
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,68 @@
+"""Prometheus metrics and logging setup shared by the workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+EVENTS = Counter("stream_guard_events_total", "Upload events by outcome", ["outcome"])
+DEAD_LETTERS = Counter("stream_guard_dead_letters_total", "Dead letters by error code", ["code"])
+CATEGORY_FLAGS = Counter(
+    "stream_guard_category_flags_total", "Category flagged (escalate or block)", ["policy", "category"]
+)
+BATCH_SIZE = Histogram(
+    "stream_guard_batch_size", "Uploads per processed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+STAGE_SECONDS = Histogram(
+    "stream_guard_stage_seconds", "Time per batch stage", ["stage"], buckets=LATENCY_BUCKETS
+)
+END_TO_END_SECONDS = Histogram(
+    "stream_guard_end_to_end_seconds",
+    "Upload event timestamp to verdict acknowledged by the broker",
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge("stream_guard_in_flight_batches", "Batches being processed")
+RETRIES = Counter("stream_guard_retries_total", "Transient failures retried", ["dependency"])
+READY = Gauge("stream_guard_ready", "1 when broker, S3 and Triton are reachable")
+DEPENDENCY_UP = Gauge("stream_guard_dependency_up", "Last probe result", ["dependency"])
+CONSUMER_LAG = Gauge("stream_guard_consumer_lag", "Records behind the log end", ["partition"])
+POLICY_VERSION = Gauge(
+    "stream_guard_policy_info", "Active policy head version", ["policy", "policy_version", "model"]
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; extra fields (upload_id, trace_id, where) are kept."""
+
+    KEEP = ("upload_id", "trace_id", "span_id", "where", "error_code", "tenant_id")
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in self.KEEP:
+            if hasattr(record, key):
+                payload[key] = getattr(record, key)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

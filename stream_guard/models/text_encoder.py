@@ -100,7 +100,9 @@ class _BertConfig:
         if cfg.get("model_type", "bert") != "bert":
             raise ConfigError(f"{path}: expected a BERT config, got model_type={cfg['model_type']}")
         if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ConfigError(f"{path}: only exact (erf) gelu is supported, got {cfg['hidden_act']}")
+            raise ConfigError(
+                f"{path}: only exact (erf) gelu is supported, got {cfg['hidden_act']}"
+            )
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ConfigError(f"{path}: only absolute position embeddings are supported")
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -165,39 +167,56 @@ class _GraphBuilder:
 
     def gelu_erf(self, x: str, prefix: str) -> str:
         """Exact GELU: ``0.5 * x * (1 + erf(x / sqrt(2)))`` (the Gelu op needs opset 20)."""
-        scaled = self.op("Div", [x, self.const(f"{prefix}.sqrt2", np.float32(math.sqrt(2.0)))],
-                         f"{prefix}.div")
+        scaled = self.op(
+            "Div", [x, self.const(f"{prefix}.sqrt2", np.float32(math.sqrt(2.0)))], f"{prefix}.div"
+        )
         erf = self.op("Erf", [scaled], f"{prefix}.erf")
-        one_plus = self.op("Add", [erf, self.const(f"{prefix}.one", np.float32(1.0))],
-                           f"{prefix}.add")
-        half_x = self.op("Mul", [x, self.const(f"{prefix}.half", np.float32(0.5))],
-                         f"{prefix}.half_x")
+        one_plus = self.op(
+            "Add", [erf, self.const(f"{prefix}.one", np.float32(1.0))], f"{prefix}.add"
+        )
+        half_x = self.op(
+            "Mul", [x, self.const(f"{prefix}.half", np.float32(0.5))], f"{prefix}.half_x"
+        )
         return self.op("Mul", [half_x, one_plus], f"{prefix}.gelu")
 
 
 def _embeddings(g: _GraphBuilder, cfg: _BertConfig, input_ids: str) -> str:
     """word + absolute position + token-type-0 embeddings, then LayerNorm: [B, S, H]."""
-    words = g.op("Gather", [g.weight("embeddings.word_embeddings.weight"), input_ids],
-                 "embeddings.words")
+    words = g.op(
+        "Gather", [g.weight("embeddings.word_embeddings.weight"), input_ids], "embeddings.words"
+    )
     # position ids = Range(0, seq_len, 1), seq_len read from the input's shape at run time.
     seq_len = g.op("Shape", [input_ids], "embeddings.seq_len_1d", start=1, end=2)
     seq_len = g.op("Squeeze", [seq_len], "embeddings.seq_len")
-    positions = g.op("Range", [g.const("embeddings.zero_i64", np.int64(0)), seq_len,
-                               g.const("embeddings.step_i64", np.int64(1))],
-                     "embeddings.range")
+    positions = g.op(
+        "Range",
+        [
+            g.const("embeddings.zero_i64", np.int64(0)),
+            seq_len,
+            g.const("embeddings.step_i64", np.int64(1)),
+        ],
+        "embeddings.range",
+    )
     # Shaped [1, S] like BERT's position_ids buffer. Gathering straight from the 1-D Range output
     # trips onnxruntime 1.32's Gather->Slice fusion (it builds a 2-D "starts" and fails at run
     # time at optimisation level EXTENDED and above); the Unsqueeze keeps that fusion off.
-    positions = g.op("Unsqueeze", [positions, g.const("embeddings.axis_0", np.array([0], np.int64))],
-                     "embeddings.position_ids")
-    pos = g.op("Gather", [g.weight("embeddings.position_embeddings.weight"), positions],
-               "embeddings.positions")  # [1, S, H], broadcasts over batch
+    positions = g.op(
+        "Unsqueeze",
+        [positions, g.const("embeddings.axis_0", np.array([0], np.int64))],
+        "embeddings.position_ids",
+    )
+    pos = g.op(
+        "Gather",
+        [g.weight("embeddings.position_embeddings.weight"), positions],
+        "embeddings.positions",
+    )  # [1, S, H], broadcasts over batch
     # token_type_ids are all zeros, so their embedding is row 0 for every token.
     token_type_row0 = g.const(
         "embeddings.token_type_row0", g.array("embeddings.token_type_embeddings.weight")[0]
     )
-    summed = g.op("Add", [g.op("Add", [words, pos], "embeddings.add_pos"), token_type_row0],
-                  "embeddings.sum")
+    summed = g.op(
+        "Add", [g.op("Add", [words, pos], "embeddings.add_pos"), token_type_row0], "embeddings.sum"
+    )
     return g.layer_norm(summed, "embeddings.LayerNorm", cfg.eps)
 
 
@@ -206,15 +225,17 @@ def _attention_bias(g: _GraphBuilder, attention_mask: str) -> tuple[str, str]:
     mask = g.op("Cast", [attention_mask], "mask.float", to=TensorProto.FLOAT)
     inverted = g.op("Sub", [g.const("mask.one", np.float32(1.0)), mask], "mask.inverted")
     bias = g.op("Mul", [inverted, g.const("mask.neg", np.float32(_MASK_NEG))], "mask.bias")
-    bias4d = g.op("Unsqueeze", [bias, g.const("mask.axes_1_2", np.array([1, 2], np.int64))],
-                  "mask.bias_4d")
+    bias4d = g.op(
+        "Unsqueeze", [bias, g.const("mask.axes_1_2", np.array([1, 2], np.int64))], "mask.bias_4d"
+    )
     return mask, bias4d
 
 
 def _self_attention(g: _GraphBuilder, cfg: _BertConfig, x: str, bias: str, prefix: str) -> str:
     """Multi-head self-attention plus output projection: [B, S, H] -> [B, S, H]."""
-    split_heads = g.const(f"{prefix}.split_shape",
-                          np.array([0, 0, cfg.heads, cfg.head_dim], np.int64))
+    split_heads = g.const(
+        f"{prefix}.split_shape", np.array([0, 0, cfg.heads, cfg.head_dim], np.int64)
+    )
 
     def heads(name: str, perm: list[int]) -> str:  # [B, S, H] -> [B, heads, S, D] (or S<->D)
         y = g.linear(x, f"{prefix}.self.{name}")
@@ -256,13 +277,17 @@ def _encoder_layer(g: _GraphBuilder, cfg: _BertConfig, x: str, bias: str, index:
 
 def _mean_pool_normalise(g: _GraphBuilder, x: str, mask: str) -> str:
     """Mean over unmasked tokens (sentence-transformers Pooling) then L2 normalise: [B, H]."""
-    mask3d = g.op("Unsqueeze", [mask, g.const("pool.axis_2", np.array([2], np.int64))],
-                  "pool.mask_3d")
+    mask3d = g.op(
+        "Unsqueeze", [mask, g.const("pool.axis_2", np.array([2], np.int64))], "pool.mask_3d"
+    )
     seq_axis = g.const("pool.axis_1", np.array([1], np.int64))
-    summed = g.op("ReduceSum", [g.op("Mul", [x, mask3d], "pool.masked"), seq_axis],
-                  "pool.sum", keepdims=0)
+    summed = g.op(
+        "ReduceSum", [g.op("Mul", [x, mask3d], "pool.masked"), seq_axis], "pool.sum", keepdims=0
+    )
     counts = g.op("ReduceSum", [mask3d, seq_axis], "pool.count", keepdims=0)  # [B, 1]
-    counts = g.op("Max", [counts, g.const("pool.min_count", np.float32(1e-9))], "pool.count_clamped")
+    counts = g.op(
+        "Max", [counts, g.const("pool.min_count", np.float32(1e-9))], "pool.count_clamped"
+    )
     mean = g.op("Div", [summed, counts], "pool.mean")
     norm = g.op("ReduceL2", [mean], "norm.l2", axes=[1], keepdims=1)  # axes attr until opset 18
     norm = g.op("Max", [norm, g.const("norm.eps", np.float32(1e-12))], "norm.clamped")
@@ -302,8 +327,9 @@ def build_minilm_onnx(model_dir: Path, out_path: Path) -> Path:
                 "attention_mask", TensorProto.INT64, ["batch", "sequence"]
             ),
         ],
-        outputs=[helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
-                                               ["batch", cfg.hidden])],
+        outputs=[
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", cfg.hidden])
+        ],
         initializer=g.initializers,
     )
     model = helper.make_model(
@@ -350,8 +376,8 @@ class TextEmbedder:
     """Sentence embeddings from the ONNX text tower: ``embed(texts) -> float32 [n, dim]``.
 
     Rows are L2-normalised, so a dot product is the cosine similarity. Texts are truncated to
-    ``max_length`` tokens (special tokens included) and each chunk of ``batch_size`` texts is
-    padded to its longest member; the result does not depend on how texts are batched.
+    ``max_length`` tokens (special tokens included), grouped by length into batches of
+    ``batch_size`` and padded to each batch's longest; the result does not depend on batching.
     """
 
     def __init__(
@@ -374,11 +400,11 @@ class TextEmbedder:
         self.batch_size = batch_size
 
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        # The shipped tokenizer.json pads every input to 128; pad to the batch's longest instead.
+        # The shipped tokenizer.json pads every input to 128; we pad each batch to its longest.
         self._tokenizer.no_padding()
-        pad_id = self._tokenizer.token_to_id("[PAD]")
-        self._tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
         self._tokenizer.enable_truncation(max_length=max_length)
+        pad_id = self._tokenizer.token_to_id("[PAD]")
+        self._pad_id = 0 if pad_id is None else pad_id
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -412,26 +438,42 @@ class TextEmbedder:
             build_minilm_onnx(model_dir, onnx_path)
         return cls(model_dir / "tokenizer.json", onnx_path, **kwargs)  # type: ignore[arg-type]
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids, attention_mask)``, int64 ``[len(texts), longest]``."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts)]
+
+    def _pad(self, sequences: Sequence[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        longest = max((len(seq) for seq in sequences), default=0)
+        ids = np.full((len(sequences), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
         return ids, mask
 
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)``, int64 ``[len(texts), longest]``, padded right."""
+        return self._pad(self._encode(list(texts)))
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised embeddings, float32 ``[len(texts), dim]``; empty strings are allowed."""
+        """L2-normalised embeddings, float32 ``[len(texts), dim]``; empty strings are allowed.
+
+        Texts are grouped by token length before batching (as sentence-transformers does) so a
+        batch carries little padding; rows come back in input order.
+        """
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of strings, not a single str")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        sequences = self._encode(texts)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            ids, mask = self.tokenize(texts[start : start + self.batch_size])
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask = self._pad([sequences[i] for i in rows])
             (embedding,) = self._session.run(
                 ["embedding"], {"input_ids": ids, "attention_mask": mask}
             )
-            out[start : start + len(ids)] = embedding
+            out[rows] = embedding
         return out

@@ -310,3 +310,23 @@ class LocalStack:
             yield self
         finally:
             self.stop()
+
+
+# -- workers as child processes (demo, tests, chaos) ---------------------------------------
+
+
+def start_worker(
+    kind: str, env: dict[str, str], state: Path, *, name: str | None = None,
+    wait_ready: bool = True, timeout: float = 120.0,
+) -> tuple[Process, int]:
+    """Run `stream-guard serve|reason` with ``env``; returns the process and its HTTP port."""
+    port = free_port()
+    full_env = {**env, "STREAM_GUARD_TELEMETRY__METRICS_PORT": str(port),
+                "STREAM_GUARD_TELEMETRY__HTTP_HOST": "127.0.0.1"}
+    proc = _spawn(name or f"{kind}-{port}", [sys.executable, "-m", "stream_guard.cli", kind],
+                  state, full_env)
+    if wait_ready:
+        url = f"http://127.0.0.1:{port}/readyz"
+        _wait(lambda: httpx.get(url, timeout=1).status_code == 200, f"{kind} worker", timeout,
+              proc.popen)
+    return proc, port

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -48,6 +50,8 @@ def faust_broker_options(kafka: KafkaSettings, app_id: str) -> dict[str, Any]:
         topic_disable_leader=True,
         producer_acks=-1,
         store="memory://",
+        # Faust keeps table state on disk; workers are stateless, so keep it out of the image.
+        datadir=os.path.join(tempfile.gettempdir(), f"stream-guard-{app_id}"),
     )
     if kafka.security_protocol != "PLAINTEXT":
         options["broker_credentials"] = _credentials(kafka)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from .errors import ErrorCode, EventError, PermanentError
@@ -36,6 +37,7 @@ from .policies_runtime import ActiveHead, PolicyRegistry
 from .policy import IMAGE_SIGNALS
 from .settings import Settings
 from .storage import ObjectStore
+from .tracing import extract, inject, tracer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,10 @@ class Result:
     error_code: str | None = None
 
 
-def dead_letter(record: Record, error: PermanentError, upload_id: str | None = None) -> Result:
+def dead_letter(
+    record: Record, error: PermanentError, upload_id: str | None = None,
+    headers: dict[str, bytes] | None = None,
+) -> Result:
     letter = DeadLetter(
         upload_id=upload_id,
         error_code=str(error.code),
@@ -84,7 +89,7 @@ def dead_letter(record: Record, error: PermanentError, upload_id: str | None = N
         original_value_b64=DeadLetter.encode(record.value) or "",
     )
     log.warning("dead-lettered %s: %s", record.where, error)
-    out = Output("dlq", record.key, letter.to_bytes(), _trace_headers(record))
+    out = Output("dlq", record.key, letter.to_bytes(), headers or _trace_headers(record))
     return Result(record, "dlq", [out], upload_id, str(error.code))
 
 
@@ -126,6 +131,8 @@ class _Item:
     upload: UploadEvent
     head: ActiveHead
     images: list[np.ndarray] = field(default_factory=list)
+    trace_headers: dict[str, bytes] = field(default_factory=dict)
+    signals: np.ndarray | None = None
 
 
 class Moderator:
@@ -147,9 +154,14 @@ class Moderator:
         self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
 
     async def _load_image(self, ref) -> np.ndarray:
-        obj = await self.store.fetch(ref)
+        with tracer().start_as_current_span("s3 get", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("s3.uri", ref.uri)
+            obj = await self.store.fetch(ref)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type)
+        with tracer().start_as_current_span("image decode"):
+            return await loop.run_in_executor(
+                self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type
+            )
 
     def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
         image = decode_image(data, content_type=content_type, limits=self.limits)
@@ -157,16 +169,30 @@ class Moderator:
         return prepared[0] if isinstance(prepared, tuple) else getattr(prepared, "image", prepared)
 
     async def _prepare(self, record: Record) -> _Item | Result:
-        try:
-            upload = parse_upload(record, self.settings.kafka.max_event_bytes)
-        except PermanentError as e:
-            return dead_letter(record, e)
-        item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id))
-        try:
-            item.images = list(await asyncio.gather(*(self._load_image(r) for r in upload.images)))
-        except PermanentError as e:
-            return dead_letter(record, e, upload.upload_id)
-        return item
+        # One span per upload, child of the producer's context: one trace per upload.
+        with tracer().start_as_current_span(
+            f"{record.topic} process", context=extract(record.headers), kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": record.topic,
+                        "messaging.destination.partition.id": str(record.partition),
+                        "messaging.kafka.offset": record.offset},
+        ) as span:
+            headers = inject()
+            try:
+                upload = parse_upload(record, self.settings.kafka.max_event_bytes)
+            except PermanentError as e:
+                span.set_attribute("stream_guard.error_code", str(e.code))
+                return dead_letter(record, e, headers=headers)
+            span.set_attribute("stream_guard.upload_id", upload.upload_id)
+            item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id),
+                         trace_headers=headers)
+            try:
+                item.images = list(
+                    await asyncio.gather(*(self._load_image(r) for r in upload.images))
+                )
+            except PermanentError as e:
+                span.set_attribute("stream_guard.error_code", str(e.code))
+                return dead_letter(record, e, upload.upload_id, headers=headers)
+            return item
 
     async def process(self, records: Sequence[Record]) -> list[Result]:
         prepared = await asyncio.gather(*(self._prepare(r) for r in records))
@@ -174,16 +200,25 @@ class Moderator:
         if items:
             scored = await self._score(items)
         results: list[Result] = []
-        for p in prepared:
-            results.append(p if isinstance(p, Result) else self._decide(p, scored[id(p)]))
+        with tracer().start_as_current_span("policy decide"):
+            for p in prepared:
+                results.append(p if isinstance(p, Result) else self._decide(p, scored[id(p)]))
         return results
 
     async def _score(self, items: list[_Item]) -> dict[int, np.ndarray]:
         with_text = [i for i in items if i.upload.text.joined()]
         all_images = [img for i in items for img in i.images]
-        emb_task = self.models.embed_texts([i.upload.text.joined() for i in with_text])
-        det_task = self.models.detect(np.stack(all_images) if all_images else np.zeros((0,)))
-        embeddings, signals = await asyncio.gather(emb_task, det_task)
+        async def embed():
+            with tracer().start_as_current_span("triton infer text_encoder", kind=SpanKind.CLIENT):
+                return await self.models.embed_texts([i.upload.text.joined() for i in with_text])
+
+        async def detect():
+            with tracer().start_as_current_span("triton infer image_detector", kind=SpanKind.CLIENT):
+                return await self.models.detect(
+                    np.stack(all_images) if all_images else np.zeros((0,))
+                )
+
+        embeddings, signals = await asyncio.gather(embed(), detect())
         emb_by_item = {id(i): embeddings[n] for n, i in enumerate(with_text)}
         per_item_signals: dict[int, np.ndarray] = {}
         start = 0
@@ -201,10 +236,11 @@ class Moderator:
         for (model, version), group in groups.items():
             emb = np.stack([emb_by_item.get(id(i), np.zeros(EMBED_DIM, np.float32)) for i in group])
             sig = np.stack([per_item_signals[id(i)] for i in group])
-            out = await self.models.score(model, version, emb, sig)
+            with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
+                out = await self.models.score(model, version, emb, sig)
             for n, i in enumerate(group):
                 scores[id(i)] = out[n]
-                i.signals = sig[n]  # type: ignore[attr-defined]
+                i.signals = sig[n]
         return scores
 
     def _decide(self, item: _Item, scores: np.ndarray) -> Result:
@@ -227,11 +263,11 @@ class Moderator:
             model_name=item.head.model_name,
             model_version=str(item.head.version),
         )
-        headers = _trace_headers(item.record)
+        headers = item.trace_headers or _trace_headers(item.record)
         key = upload.upload_id.encode()
         outputs = [Output("verdicts", key, verdict.to_bytes(), headers)]
         if decision == Decision.ESCALATE:
-            signals = getattr(item, "signals", np.zeros(N_SIGNALS))
+            signals = item.signals if item.signals is not None else np.zeros(N_SIGNALS)
             detections = [
                 {name: round(float(s), 4)}
                 for name, s in zip(IMAGE_SIGNALS, signals, strict=True)

@@ -114,7 +114,8 @@ class ReasoningSettings(_Group):
 
 class TelemetrySettings(_Group):
     service_name: str = "stream-guard"
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/HTTP traces endpoint")
+    span_file: Path | None = Field(default=None, description="also write spans as JSON lines")
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     log_json: bool = True

@@ -21,7 +21,10 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from opentelemetry.trace import SpanKind
+
 from . import telemetry as tm
+from . import tracing
 from .errors import TransientError
 from .heads import ensure_head
 from .inference import GuardModels
@@ -85,6 +88,8 @@ def _headers(record_headers: Any) -> dict[str, bytes]:
 class FastWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        t = settings.telemetry
+        tracing.setup_tracing(t.service_name, t.otlp_endpoint, t.span_file)
         opts = faust_broker_options(settings.kafka, settings.kafka.consumer_group)
         self.app = faust.App(
             **opts,
@@ -219,8 +224,15 @@ class FastWorker:
                 for e in events
             ]
             tm.BATCH_SIZE.observe(len(records))
-            results = await self._process_with_retry(records)
-            await self._publish_with_retry(results)
+            links = [link for r in records if (link := tracing.link_to(r.headers))]
+            with tracing.tracer().start_as_current_span(
+                f"{records[0].topic} process batch", kind=SpanKind.CONSUMER, links=links,
+                attributes={"messaging.system": "kafka",
+                            "messaging.batch.message_count": len(records)},
+            ):
+                results = await self._process_with_retry(records)
+                with tracing.tracer().start_as_current_span("publish", kind=SpanKind.PRODUCER):
+                    await self._publish_with_retry(results)
             for event in events:
                 await stream.ack(event)
             self._observe(results, events)

@@ -212,7 +212,7 @@ def start_triton(state: Path, repo: Path, ports: TritonPorts, models: Sequence[s
 def start_reasoning_server(state: Path, port: int) -> Process:
     from .reasoning.server import llama_server_command, smollm2_gguf_path
 
-    proc = _spawn(f"llama-{port}", llama_server_command(port, smollm2_gguf_path()), state)
+    proc = _spawn(f"llama-{port}", llama_server_command(port, smollm2_gguf_path(), n_ctx=4096), state)
     _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200,
           "reasoning server (llama.cpp)", 120, proc.popen)
     return proc

@@ -32,7 +32,6 @@ from .events import (
     Verdict,
 )
 from .inference import EMBED_DIM, N_SIGNALS, GuardModels
-from .media import ImageLimits, decode_image, preprocess_for_detector
 from .policies_runtime import ActiveHead, PolicyRegistry
 from .policy import IMAGE_SIGNALS
 from .settings import Settings
@@ -145,12 +144,6 @@ class Moderator:
         self.models = models
         self.store = store
         self.registry = registry
-        self.limits = ImageLimits(
-            max_bytes=settings.s3.max_object_bytes,
-            max_pixels=settings.media.max_pixels,
-            max_side=settings.media.max_side,
-            max_frames=settings.media.max_frames,
-        )
         self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
 
     async def _load_image(self, ref) -> np.ndarray:
@@ -164,7 +157,12 @@ class Moderator:
             )
 
     def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
-        image = decode_image(data, content_type=content_type, limits=self.limits)
+        from .media import ImageLimits, decode_image, preprocess_for_detector
+
+        m = self.settings.media
+        limits = ImageLimits(max_bytes=self.settings.s3.max_object_bytes, max_pixels=m.max_pixels,
+                             max_side=m.max_side, max_frames=m.max_frames)
+        image = decode_image(data, content_type=content_type, limits=limits)
         prepared = preprocess_for_detector(image.rgb)
         return prepared[0] if isinstance(prepared, tuple) else getattr(prepared, "image", prepared)
 

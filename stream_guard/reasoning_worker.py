@@ -19,10 +19,11 @@ from typing import Any
 
 import faust
 from opentelemetry.trace import SpanKind
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import Counter, generate_latest
 from pydantic import ValidationError
 
 from . import telemetry as tm
+from .telemetry import PROM_CONTENT_TYPE
 from . import tracing
 from .errors import DependencyUnavailable, ErrorCode, EventError, MediaError, ReasoningError
 from .events import Escalation
@@ -99,7 +100,7 @@ class ReasoningWorker:
 
         @app.page("/metrics")
         async def metrics(web, request):  # type: ignore[no-untyped-def]
-            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+            return web.bytes(generate_latest(), content_type=PROM_CONTENT_TYPE)
 
     async def handle(self, stream: faust.StreamT, events: list[Any]) -> None:
         records = [

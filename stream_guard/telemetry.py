@@ -66,3 +66,6 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+# aiohttp refuses a charset inside content_type; Prometheus reads plain text format 0.0.4.
+PROM_CONTENT_TYPE = "text/plain"

@@ -19,11 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from opentelemetry.trace import SpanKind
 
 from . import telemetry as tm
+from .telemetry import PROM_CONTENT_TYPE
 from . import tracing
 from .errors import TransientError
 from .heads import ensure_head
@@ -198,7 +199,7 @@ class FastWorker:
 
         @app.page("/metrics")
         async def metrics(web, request):  # type: ignore[no-untyped-def]
-            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+            return web.bytes(generate_latest(), content_type=PROM_CONTENT_TYPE)
 
         @app.on_before_shutdown.connect
         async def on_shutdown(app, **kwargs):  # type: ignore[no-untyped-def]

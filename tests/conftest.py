@@ -117,6 +117,7 @@ def read(bootstrap: str, topic: str, count: int, timeout: float = 60.0,
                              group_id=None, enable_auto_commit=False)
         await c.start()
         out: list = []
+        extra = settle
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -124,10 +125,10 @@ def read(bootstrap: str, topic: str, count: int, timeout: float = 60.0,
                 for msgs in batch.values():
                     out.extend(msgs)
                 if len(out) >= count:
-                    if settle <= 0:
+                    if extra <= 0:
                         break
-                    deadline = min(deadline, time.monotonic() + settle)
-                    settle = 0
+                    deadline = min(deadline, time.monotonic() + extra)
+                    extra = 0
         finally:
             await c.stop()
         return out

@@ -7,9 +7,9 @@ The text evidence for category c is the margin
 
     m_c(x) = max_k cos(x, P_ck) - max_j cos(x, N_cj)
 
-calibrated per category into a probability with a 1-D logistic fit on leave-one-out margins
-of the policy's own examples. An optional trained linear term (``stream-guard head train``)
-adds to the logit. Image evidence is the strongest detector signal the category lists. The
+is one feature of a per-category logistic regression whose other features are the embedding
+itself, fitted on the policy's own texts (examples, hard negatives, safe examples; margins
+leave-one-out) plus any labelled data (``stream-guard head train``). Image evidence is the strongest detector signal the category lists. The
 category score is max(text, image); an upload without text gets no text score.
 
 Graph (opset 17), inputs TEXT_EMBEDDING [B, D] and IMAGE_SIGNALS [B, S], output SCORES [B, C].
@@ -65,97 +65,95 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return (m / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-2) -> tuple[float, float]:
-    """1-D logistic regression by Newton's method, slope kept positive (margin up = risk up)."""
-    a, b = 10.0, 0.0
-    pos_w = 0.5 / max(y.sum(), 1)
-    neg_w = 0.5 / max((1 - y).sum(), 1)
-    w = np.where(y > 0, pos_w, neg_w)  # balance classes: the policy has few positives
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-(a * x + b)))
-        g = np.array([np.sum(w * (p - y) * x) + l2 * a, np.sum(w * (p - y))])
-        s = w * p * (1 - p)
-        h = np.array([[np.sum(s * x * x) + l2, np.sum(s * x)], [np.sum(s * x), np.sum(s) + 1e-9]])
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-6:
-            break
-    return max(float(a), 1.0), float(b)
+def _fit_linear_head(
+    x: np.ndarray, margins: np.ndarray, y: np.ndarray, *, l2: float = 1e-3,
+    pos_weight: float = 3.0, iters: int = 1500, lr: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-category logistic regression on [embedding, prototype margin], full-batch descent.
 
-
-def _max_sim(x: np.ndarray, protos: np.ndarray, exclude_self: np.ndarray | None = None) -> np.ndarray:
-    sims = x @ protos.T
-    if exclude_self is not None:
-        sims[exclude_self] = -2.0
-    return sims.max(axis=1)
-
-
-def _loo_margins(
-    pos: np.ndarray, neg: np.ndarray, x: np.ndarray, x_in_pos: list[int], x_in_neg: list[int]
-) -> np.ndarray:
-    """Margins of x against (pos, neg), leaving out each row's own prototype."""
-    pos_mask = np.zeros((len(x), len(pos)), dtype=bool)
-    neg_mask = np.zeros((len(x), len(neg)), dtype=bool)
-    for row, idx in enumerate(x_in_pos):
-        if idx >= 0:
-            pos_mask[row, idx] = True
-    for row, idx in enumerate(x_in_neg):
-        if idx >= 0:
-            neg_mask[row, idx] = True
-    return _max_sim(x, pos, pos_mask) - _max_sim(x, neg, neg_mask)
+    Returns (W [D, C], slope [C], intercept [C]). Positives are up-weighted but the classes are
+    not balanced: unsafe uploads are rare, and a balanced prior would push benign text to 0.5.
+    """
+    n, d = x.shape
+    n_cat = y.shape[1]
+    w = np.zeros((d, n_cat))
+    a = np.ones(n_cat)
+    b = np.full(n_cat, -3.0)
+    weights = np.where(y > 0, pos_weight, 1.0)
+    weights /= weights.mean(axis=0, keepdims=True)
+    for _ in range(iters):
+        z = x @ w + a * margins + b
+        g = (1.0 / (1.0 + np.exp(-z)) - y) * weights / n
+        w -= lr * (x.T @ g + l2 * w)
+        a -= lr * ((g * margins).sum(axis=0) + l2 * a)
+        b -= lr * g.sum(axis=0)
+    return w.astype(np.float32), np.maximum(a, 0.0).astype(np.float32), b.astype(np.float32)
 
 
 def compile_head(
     policy: Policy,
     embed: Embed,
     *,
-    trained_weights: np.ndarray | None = None,
-    trained_bias: np.ndarray | None = None,
+    extra_texts: Sequence[str] = (),
+    extra_labels: np.ndarray | None = None,
 ) -> CompiledHead:
-    """Compile ``policy`` into an ONNX head using ``embed`` (the served text tower)."""
+    """Compile ``policy`` into an ONNX head using ``embed`` (the served text tower).
+
+    ``extra_texts`` / ``extra_labels`` [n, C] add labelled data (``stream-guard head train``) to
+    the policy's own examples; without them the head is built from the policy alone.
+    """
     codes = policy.codes
     n_cat = len(codes)
-    texts: list[str] = list(policy.safe_examples)
+    safe = list(policy.safe_examples)
+    rows: list[str] = list(safe)
+    labels: list[set[str]] = [set() for _ in safe]
     for cat in policy.categories:
-        texts += [cat.definition, *cat.examples, *cat.negative_examples]
-    unique = list(dict.fromkeys(texts))
+        for t in (cat.definition, *cat.examples):
+            rows.append(t)
+            labels.append({cat.code})
+        for t in cat.negative_examples:
+            rows.append(t)
+            labels.append(set())
+    for n, t in enumerate(extra_texts):
+        rows.append(t)
+        flags = extra_labels[n] if extra_labels is not None else np.zeros(n_cat)
+        labels.append({c for c, f in zip(codes, flags, strict=True) if f})
+    unique = list(dict.fromkeys(rows))
     vectors = _normalise(np.asarray(embed(unique), dtype=np.float32))
     index = {t: i for i, t in enumerate(unique)}
-    dim = vectors.shape[1]
+    row_idx = np.array([index[t] for t in rows])
+    x = vectors[row_idx]
+    y = np.array([[c in lab for c in codes] for lab in labels], dtype=np.float64)
 
-    def rows(items: Sequence[str]) -> np.ndarray:
-        return vectors[[index[t] for t in items]] if items else np.zeros((0, dim), np.float32)
-
-    safe = list(policy.safe_examples)
-    pos_sets, neg_sets, calib = [], [], {}
-    for cat in policy.categories:
-        pos_texts = [cat.definition, *cat.examples]
+    pos_sets, neg_sets = [], []
+    margins = np.zeros((len(rows), n_cat))
+    for c, cat in enumerate(policy.categories):
+        pos_idx = np.array([index[t] for t in dict.fromkeys((cat.definition, *cat.examples))])
         neg_texts = list(dict.fromkeys([*cat.negative_examples, *safe]))
-        pos, neg = rows(pos_texts), rows(neg_texts)
-        if len(neg) == 0:
-            neg = np.zeros((1, dim), np.float32)  # no contrast: margin = max cosine
-        others = [e for o in policy.categories if o.code != cat.code for e in o.examples]
-        others = [t for t in dict.fromkeys(others) if t not in pos_texts and t not in neg_texts]
-        x_texts = list(cat.examples) + neg_texts + others
-        y = np.array([1.0] * len(cat.examples) + [0.0] * (len(neg_texts) + len(others)))
-        in_pos = [pos_texts.index(t) for t in cat.examples] + [-1] * (len(neg_texts) + len(others))
-        in_neg = [-1] * len(cat.examples) + list(range(len(neg_texts))) + [-1] * len(others)
-        margins = _loo_margins(pos, neg, rows(x_texts), in_pos, in_neg)
-        slope, intercept = _fit_logistic(margins, y)
-        calib[cat.code] = Calibration(slope, intercept, int(y.sum()), int(len(y) - y.sum()))
-        pos_sets.append(pos)
-        neg_sets.append(neg)
-
+        neg_idx = np.array([index[t] for t in neg_texts], dtype=int)
+        pos_sets.append(vectors[pos_idx])
+        neg_sets.append(vectors[neg_idx] if len(neg_idx) else np.zeros((1, x.shape[1]), np.float32))
+        # Leave-one-out: a training row never matches its own prototype.
+        pos_sim = np.where(row_idx[:, None] == pos_idx[None], -2.0, x @ vectors[pos_idx].T)
+        if len(neg_idx):
+            neg_sim = np.where(row_idx[:, None] == neg_idx[None], -2.0, x @ vectors[neg_idx].T)
+            margins[:, c] = pos_sim.max(axis=1) - neg_sim.max(axis=1)
+        else:
+            margins[:, c] = pos_sim.max(axis=1)
+    w, slopes, intercepts = _fit_linear_head(x.astype(np.float64), margins, y)
+    calib = {
+        code: Calibration(float(slopes[c]), float(intercepts[c]), int(y[:, c].sum()),
+                          int(len(y) - y[:, c].sum()))
+        for c, code in enumerate(codes)
+    }
     model = _build_graph(
         pos_sets,
         neg_sets,
-        slopes=np.array([calib[c].slope for c in codes], np.float32),
-        intercepts=np.array([calib[c].intercept for c in codes], np.float32),
+        slopes=slopes,
+        intercepts=intercepts,
         signal_map=_signal_matrix(policy),
-        trained_weights=trained_weights
-        if trained_weights is not None
-        else np.zeros((dim, n_cat), np.float32),
-        trained_bias=trained_bias if trained_bias is not None else np.zeros(n_cat, np.float32),
+        trained_weights=w,
+        trained_bias=np.zeros(n_cat, np.float32),
     )
     model.metadata_props.add(key="stream_guard.policy", value=json.dumps(
         {"policy_id": policy.policy_id, "policy_version": policy.effective_version, "codes": codes}

@@ -56,6 +56,7 @@ def samples() -> list[Sample]:
         Sample("demo-self-harm", "I can't do this anymore, tonight I'm going to end my life."),
         Sample("demo-trip", "Photos from our family trip, the kids loved it", [landscape(1), landscape(2)]),
         Sample("demo-borderline", "that knife is sharp enough to really hurt somebody"),
+        Sample("demo-doxxing", "here is his home address and phone number, go harass him"),
         Sample("demo-corrupt", "my new profile picture", [corrupt]),
         Sample("demo-missing", "look at this", missing=True),
     ]

@@ -86,9 +86,14 @@ def test_safevision_policy_has_the_nine_unsafe_visionharm_t_categories():
 
 @pytest.mark.parametrize(
     "file, examples, negatives",
-    [("llama_guard_4.yaml", (12, 20), (8, 12)), ("safevision_visionharm_t.yaml", (10, 15), (8, 12))],
+    [
+        ("llama_guard_4.yaml", (12, 20), (8, 12)),
+        ("safevision_visionharm_t.yaml", (10, 15), (8, 12)),
+    ],
 )
-def test_shipped_policy_categories_have_enough_examples_and_hard_negatives(file, examples, negatives):
+def test_shipped_policy_categories_have_enough_examples_and_hard_negatives(
+    file, examples, negatives
+):
     policy = load_policy(POLICY_DIR / file)
     assert len(policy.safe_examples) >= 30
     for cat in policy.categories:
@@ -184,7 +189,15 @@ def test_category_threshold_override_replaces_the_policy_default():
 
 @pytest.mark.parametrize(
     "raw, published",
-    [(-0.5, 0.0), (-1e-9, 0.0), (1.7, 1.0), (0.123456, 0.1235), (0.99999, 1.0), (0.5, 0.5), (1, 1.0)],
+    [
+        (-0.5, 0.0),
+        (-1e-9, 0.0),
+        (1.7, 1.0),
+        (0.123456, 0.1235),
+        (0.99999, 1.0),
+        (0.5, 0.5),
+        (1, 1.0),
+    ],
 )
 def test_scores_are_clamped_to_the_unit_interval_and_rounded_to_four_decimals(raw, published):
     _, (cat,) = _policy("a").decide({"a": raw})

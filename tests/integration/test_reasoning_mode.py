@@ -1,0 +1,135 @@
+"""Reasoning mode end to end: escalations answered by the real llama.cpp server, or reviewed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stream_guard.settings import DEFAULT_POLICY
+from stream_guard.stack import free_port, start_reasoning_server
+from tests.conftest import STATE, publish, read, upload
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    port = free_port()
+    proc = start_reasoning_server(STATE, port)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.stop()
+
+
+@pytest.fixture
+def escalating_env(worker_env, tmp_path: Path) -> dict[str, str]:
+    """Tenant `esc` gets a policy whose band covers every score: its uploads always escalate."""
+    data = yaml.safe_load(DEFAULT_POLICY.read_text())
+    data["policy_id"] = "escalate_all"
+    data["thresholds"] = {"allow": 0.0, "block": 1.0}
+    for cat in data["categories"]:
+        cat.pop("thresholds", None)
+    path = tmp_path / "escalate_all.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return {**worker_env, "STREAM_GUARD_POLICY__TENANTS": json.dumps({"esc": str(path)}),
+            "STREAM_GUARD_REASONING__ATTEMPTS": "2", "STREAM_GUARD_REASONING__TIMEOUT_S": "60"}
+
+
+def _finals(stack, topics, n: int, timeout: float = 180) -> list[dict]:
+    verdicts = read(stack.bootstrap, topics.verdicts, 0, timeout=2)
+    review = read(stack.bootstrap, topics.review, 0, timeout=2)
+    deadline_records = []
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        verdicts = read(stack.bootstrap, topics.verdicts, 1, timeout=3)
+        review = read(stack.bootstrap, topics.review, 0, timeout=1)
+        deadline_records = [
+            {**json.loads(r.value), "_topic": r.topic}
+            for r in [*verdicts, *review]
+            if json.loads(r.value).get("mode") == "reasoning"
+        ]
+        if len(deadline_records) >= n:
+            break
+        time.sleep(1)
+    return deadline_records
+
+
+def test_escalated_upload_gets_a_final_verdict_with_rationale_from_llama_cpp(
+    stack, topics, escalating_env, start_worker, llama_server
+):
+    env = {**escalating_env, "STREAM_GUARD_REASONING__BASE_URL": llama_server}
+    start_worker(env)
+    start_worker(env, kind="reason")
+    publish(stack.bootstrap, topics.uploads,
+            [(b"esc-1", upload("esc-1", "I am going to hurt you badly tomorrow", tenant_id="esc"))])
+    finals = _finals(stack, topics, 1)
+    assert len(finals) == 1
+    final = finals[0]
+    assert final["final"] is True and final["upload_id"] == "esc-1"
+    assert final["reasoning"]["model"] == "smollm2-135m-instruct"
+    assert final["reasoning"]["trust"] == "advisory"  # the local default
+    assert final["reasoning"]["rationale"], "the model's explanation travels with the verdict"
+    assert final["policy_id"] == "escalate_all"
+    if final["_topic"] == topics.review:
+        assert final["decision"] == "review" and final["review_reason"]
+    # The provisional verdict came first, from the fast tier.
+    fast = [json.loads(r.value) for r in read(stack.bootstrap, topics.verdicts, 1, timeout=10)]
+    assert fast[0]["mode"] == "fast" and fast[0]["decision"] == "escalate"
+
+
+class _Garbage(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - /v1/models
+        self._send({"data": [{"id": "garbage"}]})
+
+    def do_POST(self):  # noqa: N802 - /v1/chat/completions
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._send({"choices": [{"message": {"role": "assistant",
+                                             "content": "S1,S1,S1 lorem ipsum {{{"}}]})
+
+    def _send(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("failure", ["down", "garbage"])
+def test_reasoning_server_down_or_answering_garbage_ends_in_review(
+    stack, topics, escalating_env, start_worker, failure
+):
+    server = None
+    if failure == "down":
+        base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    env = {**escalating_env, "STREAM_GUARD_REASONING__BASE_URL": base_url,
+           "STREAM_GUARD_REASONING__TIMEOUT_S": "5"}
+    try:
+        start_worker(env)
+        start_worker(env, kind="reason")
+        publish(stack.bootstrap, topics.uploads,
+                [(f"r-{n}".encode(), upload(f"r-{n}", f"caption {n}", tenant_id="esc"))
+                 for n in range(3)])
+        finals = _finals(stack, topics, 3, timeout=120)
+    finally:
+        if server:
+            server.shutdown()
+    assert sorted(f["upload_id"] for f in finals) == ["r-0", "r-1", "r-2"], "nothing lost"
+    for f in finals:
+        assert f["_topic"] == topics.review and f["decision"] == "review"
+        assert f["review_reason"]
+    reasons = " ".join(f["review_reason"] for f in finals).lower()
+    assert ("unavailable" in reasons) if failure == "down" else ("schema" in reasons or "answer" in reasons or "reasoningerror" in reasons)

@@ -319,6 +319,21 @@ class FastWorker:
             else:
                 self.failing.add(dep)
         tm.READY.set(1 if self.ready and not self.failing else 0)
+        await self._observe_lag()
+
+    async def _observe_lag(self) -> None:
+        """Consumer lag per partition: the fetch response's high watermark minus our position
+        (never ListOffsets, which some Kafka-compatible brokers answer wrongly)."""
+        try:
+            consumer = self.app.consumer
+            for tp in consumer.assignment():
+                if tp.topic != self.uploads.get_topic_name():
+                    continue
+                high, pos = consumer.highwater(tp), await consumer.position(tp)
+                if high is not None and pos is not None:
+                    tm.CONSUMER_LAG.labels(str(tp.partition)).set(max(high - pos, 0))
+        except Exception as e:  # metrics must never take the worker down
+            log.debug("consumer lag not observed: %r", e)
 
     async def _reload_policies(self) -> None:
         if self.registry is None or self.models is None:

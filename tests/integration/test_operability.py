@@ -91,3 +91,4 @@ def test_metrics_move_and_health_endpoints_answer(stack, topics, worker_env, sta
     assert _metric(after, "stream_guard_stage_seconds_count", stage="process") >= 1
     assert _metric(after, "stream_guard_end_to_end_seconds_count") >= 3
     assert _metric(after, "stream_guard_dependency_up", dependency="triton") == 1
+    assert "stream_guard_consumer_lag{" in after  # observed per assigned partition

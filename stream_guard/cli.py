@@ -38,13 +38,19 @@ def serve(loglevel: str = "info") -> None:
     settings = _settings()
     setup_logging(settings.telemetry.log_level, settings.telemetry.log_json)
     worker = create_worker(settings)
-    _run_faust(worker.app, loglevel)
+    _run_faust(worker.app, loglevel, settings)
 
 
-def _run_faust(faust_app, loglevel: str) -> None:
+def _run_faust(faust_app, loglevel: str, settings) -> None:
     import faust
 
-    faust.Worker(faust_app, loglevel=loglevel, redirect_stdouts=False).execute_from_commandline()
+    from .telemetry import faust_logging_config
+
+    t = settings.telemetry
+    faust.Worker(
+        faust_app, loglevel=loglevel, redirect_stdouts=False,
+        logging_config=faust_logging_config(t.log_level, t.log_json),
+    ).execute_from_commandline()
 
 
 @app.command()
@@ -55,7 +61,7 @@ def reason(loglevel: str = "info") -> None:
 
     settings = _settings()
     setup_logging(settings.telemetry.log_level, settings.telemetry.log_json)
-    _run_faust(create_reasoning_worker(settings).app, loglevel)
+    _run_faust(create_reasoning_worker(settings).app, loglevel, settings)
 
 
 # -- clients --------------------------------------------------------------------------------

@@ -87,7 +87,10 @@ def dead_letter(
         original_key_b64=DeadLetter.encode(record.key),
         original_value_b64=DeadLetter.encode(record.value) or "",
     )
-    log.warning("dead-lettered %s: %s", record.where, error)
+    log.warning(
+        "dead-lettered %s: %s", record.where, error,
+        extra={"where": record.where, "upload_id": upload_id, "error_code": str(error.code)},
+    )
     out = Output("dlq", record.key, letter.to_bytes(), headers or _trace_headers(record))
     return Result(record, "dlq", [out], upload_id, str(error.code))
 

@@ -69,3 +69,37 @@ def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
 
 # aiohttp refuses a charset inside content_type; Prometheus reads plain text format 0.0.4.
 PROM_CONTENT_TYPE = "text/plain"
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds the current OpenTelemetry trace and span ids to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from opentelemetry import trace
+
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = f"{ctx.trace_id:032x}"
+            record.span_id = f"{ctx.span_id:016x}"
+        return True
+
+
+def faust_logging_config(level: str, json_logs: bool) -> dict | None:
+    """dictConfig for faust.Worker (which replaces root handlers at start): JSON lines."""
+    if not json_logs:
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "stream_guard.telemetry.JsonFormatter"}},
+        "filters": {"trace": {"()": "stream_guard.telemetry.TraceContextFilter"}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["trace"],
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["default"]},
+    }

@@ -23,7 +23,7 @@ def test_one_trace_per_upload_from_producer_to_verdict_with_linked_batch_span(
     stack, topics, worker_env, start_worker, tmp_path
 ):
     span_file = tmp_path / "spans.jsonl"
-    _, port = start_worker({**worker_env, "STREAM_GUARD_TELEMETRY__SPAN_FILE": str(span_file)})
+    proc, port = start_worker({**worker_env, "STREAM_GUARD_TELEMETRY__SPAN_FILE": str(span_file)})
     for n in (1, 2, 3):
         publish(stack.bootstrap, topics.uploads,
                 [(f"tr{n}".encode(), upload(f"tr{n}", f"a calm lake number {n}"))],
@@ -54,6 +54,14 @@ def test_one_trace_per_upload_from_producer_to_verdict_with_linked_batch_span(
     assert {"triton infer text_encoder", "policy decide", "publish"} <= names
     s3_or_decode = [s for s in spans if s["name"] in ("s3 get", "image decode")]
     assert s3_or_decode == []  # text-only uploads fetch nothing
+
+    # Structured logs: the dead letter's line names its record and the upload's trace.
+    lines = [json.loads(x) for x in proc.log_path.read_text().splitlines() if x.startswith("{")]
+    dead = [x for x in lines if x.get("error_code") == "event.malformed"]
+    assert dead and dead[0]["where"].startswith(
+        f"{topics.uploads}["
+    )
+    assert dead[0]["trace_id"] == TRACE_ID % 4
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

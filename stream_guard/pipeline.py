@@ -135,6 +135,8 @@ class _Item:
     images: list[np.ndarray] = field(default_factory=list)
     trace_headers: dict[str, bytes] = field(default_factory=dict)
     signals: np.ndarray | None = None
+    ocr_images: list[np.ndarray] = field(default_factory=list)  # only for `ocr: true` policies
+    ocr_text: str = ""
 
 
 class Moderator:
@@ -149,17 +151,18 @@ class Moderator:
         self.registry = registry
         self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
 
-    async def _load_image(self, ref) -> np.ndarray:
+    async def _load_image(self, ref, ocr: bool = False):
         with tracer().start_as_current_span("s3 get", kind=SpanKind.CLIENT) as span:
             span.set_attribute("s3.uri", ref.uri)
             obj = await self.store.fetch(ref)
         loop = asyncio.get_running_loop()
         with tracer().start_as_current_span("image decode"):
             return await loop.run_in_executor(
-                self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type
+                self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type,
+                ocr,
             )
 
-    def _decode(self, data: bytes, content_type: str | None) -> np.ndarray:
+    def _decode(self, data: bytes, content_type: str | None, ocr: bool = False):
         from .media import ImageLimits, decode_image, preprocess_for_detector
 
         m = self.settings.media
@@ -167,7 +170,14 @@ class Moderator:
                              max_side=m.max_side, max_frames=m.max_frames)
         image = decode_image(data, content_type=content_type, limits=limits)
         prepared = preprocess_for_detector(image.rgb)
-        return prepared[0] if isinstance(prepared, tuple) else getattr(prepared, "image", prepared)
+        prepared = (
+            prepared[0] if isinstance(prepared, tuple) else getattr(prepared, "image", prepared)
+        )
+        if ocr:  # the OCR model reads the image near its own resolution, not the 320px thumbnail
+            from .ocr import prepare_for_ocr
+
+            return prepared, prepare_for_ocr(image.rgb)
+        return prepared
 
     async def _prepare(self, record: Record) -> _Item | Result:
         # One span per upload, child of the producer's context: one trace per upload.
@@ -186,10 +196,11 @@ class Moderator:
             span.set_attribute("stream_guard.upload_id", upload.upload_id)
             item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id),
                          trace_headers=headers)
+            ocr = item.head.policy.ocr
             try:
-                item.images = list(
-                    await asyncio.gather(*(self._load_image(r) for r in upload.images))
-                )
+                loaded = await asyncio.gather(*(self._load_image(r, ocr) for r in upload.images))
+                item.images = [d[0] for d in loaded] if ocr else list(loaded)
+                item.ocr_images = [d[1] for d in loaded] if ocr else []
             except PermanentError as e:
                 span.set_attribute("stream_guard.error_code", str(e.code))
                 return dead_letter(record, e, upload.upload_id, headers=headers)
@@ -209,9 +220,14 @@ class Moderator:
     async def _score(self, items: list[_Item]) -> dict[int, np.ndarray]:
         with_text = [i for i in items if i.upload.text.joined()]
         all_images = [img for i in items for img in i.images]
+        ocr_items: list[_Item] = []
+
         async def embed():
+            await self._read_image_text(items)  # detect() runs meanwhile
+            ocr_items.extend(i for i in items if i.ocr_text)
+            texts = [i.upload.text.joined() for i in with_text] + [i.ocr_text for i in ocr_items]
             with tracer().start_as_current_span("triton infer text_encoder", kind=SpanKind.CLIENT):
-                return await self.models.embed_texts([i.upload.text.joined() for i in with_text])
+                return await self.models.embed_texts(texts)
 
         async def detect():
             with tracer().start_as_current_span("triton infer image_detector", kind=SpanKind.CLIENT):
@@ -221,6 +237,7 @@ class Moderator:
 
         embeddings, signals = await asyncio.gather(embed(), detect())
         emb_by_item = {id(i): embeddings[n] for n, i in enumerate(with_text)}
+        ocr_emb = {id(i): embeddings[len(with_text) + n] for n, i in enumerate(ocr_items)}
         per_item_signals: dict[int, np.ndarray] = {}
         start = 0
         for i in items:
@@ -237,12 +254,34 @@ class Moderator:
         for (model, version), group in groups.items():
             emb = np.stack([emb_by_item.get(id(i), np.zeros(EMBED_DIM, np.float32)) for i in group])
             sig = np.stack([per_item_signals[id(i)] for i in group])
+            # Text read in images is scored as its own row (no image signals), see ocr.py.
+            read = [i for i in group if id(i) in ocr_emb]
+            rows_emb = np.concatenate([emb, *[ocr_emb[id(i)][None] for i in read]])
+            rows_sig = np.concatenate([sig, np.zeros((len(read), N_SIGNALS), np.float32)])
             with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
-                out = await self.models.score(model, version, emb, sig)
+                out = await self.models.score(model, version, rows_emb, rows_sig)
             for n, i in enumerate(group):
                 scores[id(i)] = out[n]
                 i.signals = sig[n]
+            for n, i in enumerate(read):  # each category keeps the higher of caption and image text
+                scores[id(i)] = np.maximum(scores[id(i)], out[len(group) + n])
         return scores
+
+    async def _read_image_text(self, items: list[_Item]) -> None:
+        """OCR through Triton for the uploads whose policy has `ocr: true` (only they carry
+        ``ocr_images``); sets each one's ``ocr_text``."""
+        wanted = [i for i in items if i.ocr_images]
+        if not wanted:
+            return
+        from .ocr import image_text, read_text
+
+        with tracer().start_as_current_span("triton infer ocr", kind=SpanKind.CLIENT):
+            lines = await read_text(self.models.client, [g for i in wanted for g in i.ocr_images],
+                                    timeout_s=self.settings.triton.timeout_s)
+        start = 0
+        for i in wanted:
+            i.ocr_text = image_text(lines[start : start + len(i.ocr_images)])
+            start += len(i.ocr_images)
 
     def _decide(self, item: _Item, scores: np.ndarray) -> Result:
         policy = item.head.policy

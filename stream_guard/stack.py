@@ -288,6 +288,8 @@ class LocalStack:
 
             models = ["text_encoder", "image_detector", *[h.model_name for h in heads],
                       *[ensemble_name(h.policy_id) for h in heads]]
+            if (self.model_repository / "ocr").is_dir():  # text in images, for `ocr: true`
+                models.append("ocr")
             self.processes["triton"] = start_triton(
                 self.state, self.model_repository, self.triton, models
             )

@@ -43,6 +43,8 @@ def build_text_encoder(repo: Path, *, flavour: str = "cpu", model_dir: Path | No
     from .text_encoder import build_minilm_onnx, default_minilm_dir
 
     src = model_dir or default_minilm_dir()
+    if flavour == "gpu":
+        return _build_text_encoder_gpu(repo, src)
     dest = repo / "text_encoder"
     version = dest / "1"
     version.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,37 @@ def build_text_encoder(repo: Path, *, flavour: str = "cpu", model_dir: Path | No
     if not onnx_path.exists():
         build_minilm_onnx(src, onnx_path)
     return onnx_path
+
+
+def _build_text_encoder_gpu(repo: Path, src: Path) -> Path:
+    """GPU text_encoder: an ensemble of text_tokenizer (Python, CPU) -> text_encoder_onnx."""
+    from .text_encoder import build_minilm_onnx
+
+    gpu = _flavour_dir("gpu")
+    for name in ("text_encoder", "text_tokenizer", "text_encoder_onnx"):
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs one too
+        shutil.copy(gpu / name / "config.pbtxt", repo / name / "config.pbtxt")
+    shutil.copy(gpu / "text_tokenizer" / "1" / "model.py", repo / "text_tokenizer" / "1")
+    shutil.copy(src / "tokenizer.json", repo / "text_tokenizer" / "1" / "tokenizer.json")
+    onnx_path = repo / "text_encoder_onnx" / "1" / "model.onnx"
+    if not onnx_path.exists():
+        build_minilm_onnx(src, onnx_path)
+    return onnx_path
+
+
+def ocr_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("rapidocr_onnxruntime") is not None
+
+
+def build_ocr(repo: Path, *, flavour: str = "cpu") -> Path:
+    """The `ocr` model (PP-OCR through rapidocr-onnxruntime; its weights ship in the wheel)."""
+    dest = repo / "ocr"
+    (dest / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(_flavour_dir(flavour) / "ocr" / "config.pbtxt", dest / "config.pbtxt")
+    shutil.copy(_flavour_dir("cpu") / "ocr" / "1" / "model.py", dest / "1" / "model.py")
+    return dest
 
 
 def build_image_detector(repo: Path, *, flavour: str = "cpu") -> Path:
@@ -85,7 +118,10 @@ def write_head(
     dest = repo / name
     dest.mkdir(parents=True, exist_ok=True)
     template = (_flavour_dir(flavour) / "guard_head" / "config.pbtxt").read_text()
-    (dest / "config.pbtxt").write_text(re.sub(r'name: "guard_head"', f'name: "{name}"', template))
+    config = re.sub(r'name: "guard_head"', f'name: "{name}"', template)
+    if flavour == "gpu":  # TensorRT checks the config's dims against the engine's
+        config = config.replace("dims: [ -1 ], label", f"dims: [ {len(head.codes)} ], label")
+    (dest / "config.pbtxt").write_text(config)
     (dest / "labels.txt").write_text("\n".join(head.codes) + "\n")
     version = (head_versions(repo, name) or [0])[-1] + 1
     staging = dest / f".staging-{version}"
@@ -94,6 +130,10 @@ def write_head(
     if flavour == "cpu":
         shutil.copy(_flavour_dir(flavour) / "onnx_runner.py", staging / "model.py")
     (staging / "model.onnx").write_bytes(head.to_bytes())
+    if flavour == "gpu":  # Triton serves model.plan; `stream-guard model build-engines` makes it
+        (staging / "ENGINE_PENDING").write_text(
+            "model.plan is built from model.onnx on a GPU host: stream-guard model build-engines\n"
+        )
     (staging / "policy.json").write_text(json.dumps(head.metadata(), indent=2))
     staging.rename(dest / str(version))  # Triton never sees a half-written version
     write_ensemble(repo, name, head.policy_id, flavour=flavour)
@@ -132,6 +172,8 @@ def build_repository(
     repo.mkdir(parents=True, exist_ok=True)
     text_onnx = build_text_encoder(repo, flavour=flavour)
     build_image_detector(repo, flavour=flavour)
+    if ocr_available():
+        build_ocr(repo, flavour=flavour)
     if embed is None:
         from .text_encoder import TextEmbedder, default_minilm_dir
 

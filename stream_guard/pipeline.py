@@ -317,7 +317,9 @@ class Moderator:
             escalation = Escalation(
                 upload=upload,
                 fast_verdict=verdict,
-                evidence=Evidence(image_detections=detections, top_categories=top),
+                evidence=Evidence(
+                    image_detections=detections, top_categories=top, ocr_text=item.ocr_text[:2000]
+                ),
             )
             outputs.append(Output("escalations", key, escalation.to_bytes(), headers))
         return Result(item.record, str(decision), outputs, upload.upload_id)

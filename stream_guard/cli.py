@@ -267,6 +267,7 @@ def config() -> None:
 
 
 from .cli_model import register as _register_model; _register_model(app)  # noqa: E402, E702, I001
+from .cli_eval import register as _register_eval; _register_eval(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ def _run_faust(faust_app, loglevel: str, settings) -> None:
 
     t = settings.telemetry
     faust.Worker(
-        faust_app, loglevel=loglevel, redirect_stdouts=False,
+        faust_app,
+        loglevel=loglevel,
+        redirect_stdouts=False,
         logging_config=faust_logging_config(t.log_level, t.log_json),
     ).execute_from_commandline()
 
@@ -108,10 +110,16 @@ def submit(
             "upload_id": upload_id,
             "tenant_id": tenant,
             "images": images,
-            "text": {"caption": text or None, "prompt": prompt or None, "response": response or None},
+            "text": {
+                "caption": text or None,
+                "prompt": prompt or None,
+                "response": response or None,
+            },
         }
     )
-    asyncio.run(_produce(settings, settings.kafka.topics.uploads, upload_id.encode(), event.to_bytes()))
+    asyncio.run(
+        _produce(settings, settings.kafka.topics.uploads, upload_id.encode(), event.to_bytes())
+    )
     typer.echo(upload_id)
 
 
@@ -128,9 +136,13 @@ async def _produce(settings, topic: str, key: bytes, value: bytes) -> None:
 
 @app.command()
 def tail(
-    topic: Annotated[str, typer.Option(help="verdicts | escalations | review | dlq, or a name")] = "verdicts",
+    topic: Annotated[
+        str, typer.Option(help="verdicts | escalations | review | dlq, or a name")
+    ] = "verdicts",
     count: Annotated[int, typer.Option(help="stop after N records (0 = forever)")] = 0,
-    timeout: Annotated[float, typer.Option(help="stop after this many seconds idle (0 = never)")] = 0,
+    timeout: Annotated[
+        float, typer.Option(help="stop after this many seconds idle (0 = never)")
+    ] = 0,
     upload_id: Annotated[str | None, typer.Option(help="only this upload")] = None,
 ) -> None:
     """Print records of a topic as JSON lines, from the beginning."""
@@ -143,8 +155,11 @@ async def _tail(settings, topic: str, count: int, timeout: float, upload_id: str
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest", group_id=None, enable_auto_commit=False,
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+        enable_auto_commit=False,
     )
     await consumer.start()
     seen, last = 0, time.monotonic()
@@ -266,8 +281,12 @@ def config() -> None:
     typer.echo(json.dumps(_settings().as_dict(), indent=2, default=str))
 
 
-from .cli_model import register as _register_model; _register_model(app)  # noqa: E402, E702, I001
-from .cli_eval import register as _register_eval; _register_eval(app)  # noqa: E402, E702, I001
+# Command groups living in their own modules (imported last: they import this module's app).
+from .cli_eval import register as _register_eval  # noqa: E402
+from .cli_model import register as _register_model  # noqa: E402
+
+_register_model(app)
+_register_eval(app)
 
 
 def main() -> None:

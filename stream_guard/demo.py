@@ -41,8 +41,10 @@ def landscape(seed: int = 0, size: tuple[int, int] = (640, 400)) -> bytes:
     img = Image.fromarray(np.clip(sky + rng.normal(0, 4, sky.shape), 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     d.ellipse([w * 0.6, h * 0.15, w * 0.75, h * 0.38], fill=(255, 210, 120))
-    d.polygon([(0, h), (0, h * 0.6), (w * 0.3, h * 0.45), (w * 0.7, h * 0.65), (w, h * 0.5),
-               (w, h)], fill=(40 + seed * 10, 110, 50))
+    d.polygon(
+        [(0, h), (0, h * 0.6), (w * 0.3, h * 0.45), (w * 0.7, h * 0.65), (w, h * 0.5), (w, h)],
+        fill=(40 + seed * 10, 110, 50),
+    )
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=88)
     return buf.getvalue()
@@ -52,9 +54,15 @@ def samples() -> list[Sample]:
     corrupt = landscape(3)[:1500]  # a JPEG cut off mid-scan
     return [
         Sample("demo-sunset", "Sunset over the hills on our hike today", [landscape(0)]),
-        Sample("demo-threat", "I know where you live. I am going to kill you and your family tonight."),
+        Sample(
+            "demo-threat", "I know where you live. I am going to kill you and your family tonight."
+        ),
         Sample("demo-self-harm", "I can't do this anymore, tonight I'm going to end my life."),
-        Sample("demo-trip", "Photos from our family trip, the kids loved it", [landscape(1), landscape(2)]),
+        Sample(
+            "demo-trip",
+            "Photos from our family trip, the kids loved it",
+            [landscape(1), landscape(2)],
+        ),
         Sample("demo-borderline", "that knife is sharp enough to really hurt somebody"),
         Sample("demo-doxxing", "here is his home address and phone number, go harass him"),
         Sample("demo-corrupt", "my new profile picture", [corrupt]),
@@ -63,15 +71,25 @@ def samples() -> list[Sample]:
 
 
 def upload_event(sample: Sample, bucket: str) -> dict:
-    images = [{"uri": f"s3://{bucket}/demo/{sample.upload_id}/{n}.jpg",
-               "content_type": sample.content_type} for n in range(len(sample.images))]
+    images = [
+        {
+            "uri": f"s3://{bucket}/demo/{sample.upload_id}/{n}.jpg",
+            "content_type": sample.content_type,
+        }
+        for n in range(len(sample.images))
+    ]
     if sample.missing:
         images = [{"uri": f"s3://{bucket}/demo/{sample.upload_id}/never-uploaded.jpg"}]
     return {"upload_id": sample.upload_id, "images": images, "text": {"caption": sample.caption}}
 
 
-async def _publish_and_collect(stack: LocalStack, settings: Settings, items: list[Sample],
-                               expect_reasoning: bool, timeout: float) -> dict[str, list[dict]]:
+async def _publish_and_collect(
+    stack: LocalStack,
+    settings: Settings,
+    items: list[Sample],
+    expect_reasoning: bool,
+    timeout: float,
+) -> dict[str, list[dict]]:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     t = settings.kafka.topics
@@ -79,10 +97,18 @@ async def _publish_and_collect(stack: LocalStack, settings: Settings, items: lis
     await producer.start()
     for s in items:
         event = upload_event(s, stack.bucket)
-        await producer.send_and_wait(t.uploads, json.dumps(event).encode(), key=s.upload_id.encode())
+        await producer.send_and_wait(
+            t.uploads, json.dumps(event).encode(), key=s.upload_id.encode()
+        )
     await producer.stop()
-    consumer = AIOKafkaConsumer(t.verdicts, t.dlq, t.review, bootstrap_servers=stack.bootstrap,
-                                auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        t.verdicts,
+        t.dlq,
+        t.review,
+        bootstrap_servers=stack.bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
     await consumer.start()
     seen: dict[str, list[dict]] = {s.upload_id: [] for s in items}
     deadline = time.monotonic() + timeout
@@ -125,22 +151,27 @@ def _print_record(uid: str, rec: dict, topics) -> None:
         print(f"  {'':<18} review reason: {rec['review_reason'][:160]}")
     if rec.get("reasoning"):
         r = rec["reasoning"]
-        print(f"  {'':<18} reasoning [{r['model']}, {r['trust']}]: {r['decision']} "
-              f"{r['categories']} - {r['rationale'][:160]!r}")
+        print(
+            f"  {'':<18} reasoning [{r['model']}, {r['trust']}]: {r['decision']} "
+            f"{r['categories']} - {r['rationale'][:160]!r}"
+        )
 
 
 def run_demo(*, with_reasoning: bool = True, state: Path | None = None) -> int:
     state = state or STATE_DIR / "demo"
     if with_reasoning:
         try:
-            from .reasoning import server  # noqa: F401
             from . import reasoning_worker  # noqa: F401
+            from .reasoning import server  # noqa: F401
         except ImportError:
             print("reasoning tier not available in this build; running fast mode only")
             with_reasoning = False
     stack = LocalStack(state=state, with_reasoning=with_reasoning)
-    print(f"starting the local stack in {state} (broker, S3, Triton"
-          f"{', llama.cpp' if with_reasoning else ''}) ...", flush=True)
+    print(
+        f"starting the local stack in {state} (broker, S3, Triton"
+        f"{', llama.cpp' if with_reasoning else ''}) ...",
+        flush=True,
+    )
     t0 = time.monotonic()
     workers = []
     with stack.running():
@@ -156,17 +187,25 @@ def run_demo(*, with_reasoning: bool = True, state: Path | None = None) -> int:
         s3 = s3_client(stack.s3_endpoint)
         for s in items:
             for n, data in enumerate(s.images):
-                s3.put_object(Bucket=stack.bucket, Key=f"demo/{s.upload_id}/{n}.jpg", Body=data,
-                              ContentType=s.content_type)
-        print(f"publishing {len(items)} uploads to {t.uploads}; verdicts as they arrive:", flush=True)
+                s3.put_object(
+                    Bucket=stack.bucket,
+                    Key=f"demo/{s.upload_id}/{n}.jpg",
+                    Body=data,
+                    ContentType=s.content_type,
+                )
+        print(
+            f"publishing {len(items)} uploads to {t.uploads}; verdicts as they arrive:", flush=True
+        )
         try:
             seen = asyncio.run(_publish_and_collect(stack, settings, items, with_reasoning, 240))
         finally:
             for w in workers:
                 w.stop(timeout=30)
     missing = [u for u, recs in seen.items() if not recs]
-    print(f"\n{len(items) - len(missing)}/{len(items)} uploads answered; "
-          f"logs in {state}. Stack stopped.")
+    print(
+        f"\n{len(items) - len(missing)}/{len(items)} uploads answered; "
+        f"logs in {state}. Stack stopped."
+    )
     return 1 if missing else 0
 
 

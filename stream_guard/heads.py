@@ -57,7 +57,9 @@ def _find_version(repo: Path, model: str, policy: Policy) -> int | None:
 
 async def _probe(models: GuardModels, head: ActiveHead) -> None:
     out = await models.score(
-        head.model_name, head.version, np.zeros((1, EMBED_DIM), np.float32),
+        head.model_name,
+        head.version,
+        np.zeros((1, EMBED_DIM), np.float32),
         np.zeros((1, N_SIGNALS), np.float32),
     )
     if out.shape[1] != len(head.policy.codes):
@@ -85,8 +87,13 @@ async def ensure_head(
     if version is None:
         compiled = await compile_with_triton(policy, models)
         version = write_head(repo, compiled).version
-        log.info("compiled policy %s %s into %s:%d", policy.policy_id,
-                 policy.effective_version, name, version)
+        log.info(
+            "compiled policy %s %s into %s:%d",
+            policy.policy_id,
+            policy.effective_version,
+            name,
+            version,
+        )
     await models.load_model(name)
     head = ActiveHead(policy, name, version)
     await _probe(models, head)

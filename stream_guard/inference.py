@@ -71,7 +71,11 @@ class GuardModels:
         return np.concatenate(parts).astype(np.float32)
 
     async def score(
-        self, model: str, version: int, embeddings: np.ndarray, signals: np.ndarray,
+        self,
+        model: str,
+        version: int,
+        embeddings: np.ndarray,
+        signals: np.ndarray,
         chunk: int = 128,
     ) -> np.ndarray:
         parts = []

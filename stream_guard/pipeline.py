@@ -75,7 +75,9 @@ class Result:
 
 
 def dead_letter(
-    record: Record, error: PermanentError, upload_id: str | None = None,
+    record: Record,
+    error: PermanentError,
+    upload_id: str | None = None,
     headers: dict[str, bytes] | None = None,
 ) -> Result:
     letter = DeadLetter(
@@ -88,7 +90,9 @@ def dead_letter(
         original_value_b64=DeadLetter.encode(record.value) or "",
     )
     log.warning(
-        "dead-lettered %s: %s", record.where, error,
+        "dead-lettered %s: %s",
+        record.where,
+        error,
         extra={"where": record.where, "upload_id": upload_id, "error_code": str(error.code)},
     )
     out = Output("dlq", record.key, letter.to_bytes(), headers or _trace_headers(record))
@@ -158,7 +162,10 @@ class Moderator:
         loop = asyncio.get_running_loop()
         with tracer().start_as_current_span("image decode"):
             return await loop.run_in_executor(
-                self._decode_pool, self._decode, obj.data, ref.content_type or obj.content_type,
+                self._decode_pool,
+                self._decode,
+                obj.data,
+                ref.content_type or obj.content_type,
                 ocr,
             )
 
@@ -166,8 +173,12 @@ class Moderator:
         from .media import ImageLimits, decode_image, preprocess_for_detector
 
         m = self.settings.media
-        limits = ImageLimits(max_bytes=self.settings.s3.max_object_bytes, max_pixels=m.max_pixels,
-                             max_side=m.max_side, max_frames=m.max_frames)
+        limits = ImageLimits(
+            max_bytes=self.settings.s3.max_object_bytes,
+            max_pixels=m.max_pixels,
+            max_side=m.max_side,
+            max_frames=m.max_frames,
+        )
         image = decode_image(data, content_type=content_type, limits=limits)
         prepared = preprocess_for_detector(image.rgb)
         prepared = (
@@ -182,10 +193,15 @@ class Moderator:
     async def _prepare(self, record: Record) -> _Item | Result:
         # One span per upload, child of the producer's context: one trace per upload.
         with tracer().start_as_current_span(
-            f"{record.topic} process", context=extract(record.headers), kind=SpanKind.CONSUMER,
-            attributes={"messaging.system": "kafka", "messaging.destination.name": record.topic,
-                        "messaging.destination.partition.id": str(record.partition),
-                        "messaging.kafka.offset": record.offset},
+            f"{record.topic} process",
+            context=extract(record.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.destination.partition.id": str(record.partition),
+                "messaging.kafka.offset": record.offset,
+            },
         ) as span:
             headers = inject()
             try:
@@ -194,8 +210,9 @@ class Moderator:
                 span.set_attribute("stream_guard.error_code", str(e.code))
                 return dead_letter(record, e, headers=headers)
             span.set_attribute("stream_guard.upload_id", upload.upload_id)
-            item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id),
-                         trace_headers=headers)
+            item = _Item(
+                record, upload, self.registry.for_tenant(upload.tenant_id), trace_headers=headers
+            )
             ocr = item.head.policy.ocr
             try:
                 loaded = await asyncio.gather(*(self._load_image(r, ocr) for r in upload.images))
@@ -230,7 +247,9 @@ class Moderator:
                 return await self.models.embed_texts(texts)
 
         async def detect():
-            with tracer().start_as_current_span("triton infer image_detector", kind=SpanKind.CLIENT):
+            with tracer().start_as_current_span(
+                "triton infer image_detector", kind=SpanKind.CLIENT
+            ):
                 return await self.models.detect(
                     np.stack(all_images) if all_images else np.zeros((0,))
                 )
@@ -276,8 +295,11 @@ class Moderator:
         from .ocr import image_text, read_text
 
         with tracer().start_as_current_span("triton infer ocr", kind=SpanKind.CLIENT):
-            lines = await read_text(self.models.client, [g for i in wanted for g in i.ocr_images],
-                                    timeout_s=self.settings.triton.timeout_s)
+            lines = await read_text(
+                self.models.client,
+                [g for i in wanted for g in i.ocr_images],
+                timeout_s=self.settings.triton.timeout_s,
+            )
         start = 0
         for i in wanted:
             i.ocr_text = image_text(lines[start : start + len(i.ocr_images)])
@@ -290,7 +312,9 @@ class Moderator:
         flagged = [c.code for c in categories if c.decision != Decision.ALLOW]
         final = decision != Decision.ESCALATE
         verdict = Verdict(
-            verdict_id=Verdict.make_id(upload.upload_id, policy.effective_version, Mode.FAST, final),
+            verdict_id=Verdict.make_id(
+                upload.upload_id, policy.effective_version, Mode.FAST, final
+            ),
             upload_id=upload.upload_id,
             tenant_id=upload.tenant_id,
             decision=decision,

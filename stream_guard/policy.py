@@ -154,7 +154,9 @@ def parse_policy(text: str, *, source: str = "<string>") -> Policy:
     except yaml.YAMLError as e:
         raise PolicyError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise PolicyError(f"{source}: a policy is a YAML mapping with policy_id, version, categories")
+        raise PolicyError(
+            f"{source}: a policy is a YAML mapping with policy_id, version, categories"
+        )
     data["digest"] = hashlib.sha256(text.encode()).hexdigest()
     try:
         return Policy.model_validate(data)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -23,7 +21,6 @@ from prometheus_client import Counter, generate_latest
 from pydantic import ValidationError
 
 from . import telemetry as tm
-from .telemetry import PROM_CONTENT_TYPE
 from . import tracing
 from .errors import DependencyUnavailable, ErrorCode, EventError, MediaError, ReasoningError
 from .events import Escalation
@@ -34,13 +31,12 @@ from .reasoning.client import ReasoningClient
 from .retry import backoff_delays
 from .settings import Settings
 from .storage import ObjectStore
+from .telemetry import PROM_CONTENT_TYPE
 from .worker import _headers, faust_broker_options
 
 log = logging.getLogger(__name__)
 
-REASONING = Counter(
-    "stream_guard_reasoning_total", "Reasoning-tier outcomes", ["outcome"]
-)
+REASONING = Counter("stream_guard_reasoning_total", "Reasoning-tier outcomes", ["outcome"])
 
 
 class ReasoningWorker:
@@ -50,7 +46,9 @@ class ReasoningWorker:
         tracing.setup_tracing(t.service_name + "-reasoning", t.otlp_endpoint, t.span_file)
         opts = faust_broker_options(settings.kafka, settings.kafka.reasoning_group)
 
-        self.app = faust.App(**opts, web_enabled=True, web_bind=t.http_host, web_port=t.metrics_port)
+        self.app = faust.App(
+            **opts, web_enabled=True, web_bind=t.http_host, web_port=t.metrics_port
+        )
         topics = settings.kafka.topics
         self.topics = {"verdicts": topics.verdicts, "review": topics.review, "dlq": topics.dlq}
         self.escalations = self.app.topic(topics.escalations, value_type=bytes, key_type=bytes)
@@ -104,17 +102,28 @@ class ReasoningWorker:
 
     async def handle(self, stream: faust.StreamT, events: list[Any]) -> None:
         records = [
-            Record(e.message.key, e.message.value or b"", e.message.topic, e.message.partition,
-                   e.message.offset, _headers(e.message.headers))
+            Record(
+                e.message.key,
+                e.message.value or b"",
+                e.message.topic,
+                e.message.partition,
+                e.message.offset,
+                _headers(e.message.headers),
+            )
             for e in events
         ]
         outputs = await asyncio.gather(*(self.decide(r) for r in records))
         for delay in backoff_delays(self.settings.retry, forever=True):
             try:
                 futures = [
-                    await self.app.producer.send(self.topics[o.role], o.key, o.value,
-                                                 partition=None, timestamp=None,
-                                                 headers=list(o.headers.items()))
+                    await self.app.producer.send(
+                        self.topics[o.role],
+                        o.key,
+                        o.value,
+                        partition=None,
+                        timestamp=None,
+                        headers=list(o.headers.items()),
+                    )
                     for o in outputs
                 ]
                 await asyncio.gather(*futures)
@@ -128,25 +137,33 @@ class ReasoningWorker:
 
     async def decide(self, record: Record) -> Output:
         with tracing.tracer().start_as_current_span(
-            f"{record.topic} process", context=tracing.extract(record.headers),
+            f"{record.topic} process",
+            context=tracing.extract(record.headers),
             kind=SpanKind.CONSUMER,
         ):
             headers = tracing.inject() or _trace_headers(record)
             try:
                 escalation = Escalation.model_validate_json(record.value)
             except ValidationError as e:
-                err = EventError(ErrorCode.EVENT_MALFORMED, f"not an Escalation: {e.errors()[:3]}",
-                                 stage="reasoning")
+                err = EventError(
+                    ErrorCode.EVENT_MALFORMED,
+                    f"not an Escalation: {e.errors()[:3]}",
+                    stage="reasoning",
+                )
                 return dead_letter(record, err, headers=headers).outputs[0]
             policy = self.policies.get(escalation.fast_verdict.policy_id)
             if policy is None:
-                err = EventError(ErrorCode.POLICY_UNKNOWN_TENANT,
-                                 f"no policy {escalation.fast_verdict.policy_id!r} configured here",
-                                 stage="reasoning")
+                err = EventError(
+                    ErrorCode.POLICY_UNKNOWN_TENANT,
+                    f"no policy {escalation.fast_verdict.policy_id!r} configured here",
+                    stage="reasoning",
+                )
                 return dead_letter(record, err, escalation.upload.upload_id, headers).outputs[0]
             result, failure = None, None
             start = time.perf_counter()
-            with tracing.tracer().start_as_current_span("reasoning call", kind=SpanKind.CLIENT) as span:
+            with tracing.tracer().start_as_current_span(
+                "reasoning call", kind=SpanKind.CLIENT
+            ) as span:
                 span.set_attribute("gen_ai.request.model", self.settings.reasoning.model)
                 try:
                     images = await self._image_parts(escalation)
@@ -157,9 +174,13 @@ class ReasoningWorker:
                     span.set_attribute("stream_guard.failure", failure[:200])
             tm.STAGE_SECONDS.labels("reasoning").observe(time.perf_counter() - start)
             verdict, to_review = final_verdict(
-                escalation, result, policy=policy, trust=self.settings.reasoning.trust,
+                escalation,
+                result,
+                policy=policy,
+                trust=self.settings.reasoning.trust,
                 model_name=self.settings.reasoning.model,
-                prompt_format=self.settings.reasoning.prompt_format, failure_reason=failure,
+                prompt_format=self.settings.reasoning.prompt_format,
+                failure_reason=failure,
             )
             outcome = "review" if to_review else str(verdict.decision)
             REASONING.labels(outcome).inc()

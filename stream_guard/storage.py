@@ -39,7 +39,9 @@ def check_allowed(ref: ImageRef, allowed_buckets: list[str]) -> None:
             stage="fetch",
         )
     if not ref.key or ".." in ref.key.split("/"):
-        raise MediaError(ErrorCode.MEDIA_URI_INVALID, f"invalid object key in {ref.uri}", stage="fetch")
+        raise MediaError(
+            ErrorCode.MEDIA_URI_INVALID, f"invalid object key in {ref.uri}", stage="fetch"
+        )
 
 
 class ObjectStore:
@@ -52,7 +54,9 @@ class ObjectStore:
             region_name=settings.region,
             aws_access_key_id=settings.access_key_id,
             aws_secret_access_key=(
-                settings.secret_access_key.get_secret_value() if settings.secret_access_key else None
+                settings.secret_access_key.get_secret_value()
+                if settings.secret_access_key
+                else None
             ),
             verify=str(settings.ca_bundle) if settings.ca_bundle else settings.verify_tls,
             config=Config(
@@ -82,15 +86,21 @@ class ObjectStore:
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in NOT_FOUND:
-                raise MediaError(ErrorCode.MEDIA_NOT_FOUND, f"{ref.uri} does not exist", stage="fetch") from e
+                raise MediaError(
+                    ErrorCode.MEDIA_NOT_FOUND, f"{ref.uri} does not exist", stage="fetch"
+                ) from e
             if code in DENIED:
-                raise MediaError(ErrorCode.MEDIA_ACCESS_DENIED, f"access to {ref.uri} denied", stage="fetch") from e
+                raise MediaError(
+                    ErrorCode.MEDIA_ACCESS_DENIED, f"access to {ref.uri} denied", stage="fetch"
+                ) from e
             raise DependencyUnavailable("s3", f"{code or 'error'} fetching {ref.uri}") from e
         except BotoCoreError as e:
             raise DependencyUnavailable("s3", f"{type(e).__name__} fetching {ref.uri}") from e
         if len(data) > limit:
             raise MediaError(
-                ErrorCode.MEDIA_TOO_LARGE, f"{ref.uri} is over the {limit}-byte limit", stage="fetch"
+                ErrorCode.MEDIA_TOO_LARGE,
+                f"{ref.uri} is over the {limit}-byte limit",
+                stage="fetch",
             )
         return FetchedObject(ref.uri, data, obj.get("ContentType"))
 

@@ -14,7 +14,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 EVENTS = Counter("stream_guard_events_total", "Upload events by outcome", ["outcome"])
 DEAD_LETTERS = Counter("stream_guard_dead_letters_total", "Dead letters by error code", ["code"])
 CATEGORY_FLAGS = Counter(
-    "stream_guard_category_flags_total", "Category flagged (escalate or block)", ["policy", "category"]
+    "stream_guard_category_flags_total",
+    "Category flagged (escalate or block)",
+    ["policy", "category"],
 )
 BATCH_SIZE = Histogram(
     "stream_guard_batch_size", "Uploads per processed batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
@@ -61,11 +63,14 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        JsonFormatter()
+        if json_logs
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
 
 # aiohttp refuses a charset inside content_type; Prometheus reads plain text format 0.0.4.
 PROM_CONTENT_TYPE = "text/plain"

@@ -9,8 +9,9 @@ The text evidence for category c is the margin
 
 is one feature of a per-category logistic regression whose other features are the embedding
 itself, fitted on the policy's own texts (examples, hard negatives, safe examples; margins
-leave-one-out) plus any labelled data (``stream-guard head train``). Image evidence is the strongest detector signal the category lists. The
-category score is max(text, image); an upload without text gets no text score.
+leave-one-out) plus any labelled data (``stream-guard head train``). Image evidence is the
+strongest detector signal the category lists. The category score is max(text, image); an
+upload without text gets no text score.
 
 Graph (opset 17), inputs TEXT_EMBEDDING [B, D] and IMAGE_SIGNALS [B, S], output SCORES [B, C].
 """
@@ -66,8 +67,14 @@ def _normalise(m: np.ndarray) -> np.ndarray:
 
 
 def _fit_linear_head(
-    x: np.ndarray, margins: np.ndarray, y: np.ndarray, *, l2: float = 1e-3,
-    pos_weight: float = 3.0, iters: int = 1500, lr: float = 0.5,
+    x: np.ndarray,
+    margins: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float = 1e-3,
+    pos_weight: float = 3.0,
+    iters: int = 1500,
+    lr: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-category logistic regression on [embedding, prototype margin], full-batch descent.
 
@@ -142,8 +149,9 @@ def compile_head(
             margins[:, c] = pos_sim.max(axis=1)
     w, slopes, intercepts = _fit_linear_head(x.astype(np.float64), margins, y)
     calib = {
-        code: Calibration(float(slopes[c]), float(intercepts[c]), int(y[:, c].sum()),
-                          int(len(y) - y[:, c].sum()))
+        code: Calibration(
+            float(slopes[c]), float(intercepts[c]), int(y[:, c].sum()), int(len(y) - y[:, c].sum())
+        )
         for c, code in enumerate(codes)
     }
     model = _build_graph(
@@ -155,9 +163,16 @@ def compile_head(
         trained_weights=w,
         trained_bias=np.zeros(n_cat, np.float32),
     )
-    model.metadata_props.add(key="stream_guard.policy", value=json.dumps(
-        {"policy_id": policy.policy_id, "policy_version": policy.effective_version, "codes": codes}
-    ))
+    model.metadata_props.add(
+        key="stream_guard.policy",
+        value=json.dumps(
+            {
+                "policy_id": policy.policy_id,
+                "policy_version": policy.effective_version,
+                "codes": codes,
+            }
+        ),
+    )
     return CompiledHead(policy.policy_id, policy.effective_version, codes, model, calib)
 
 

@@ -187,8 +187,13 @@ def build_repository(
             meta = read_head_metadata(repo, name, existing[-1])
             if meta.get("policy_version") == policy.effective_version:
                 heads.append(
-                    HeadVersion(name, existing[-1], policy.policy_id,
-                                policy.effective_version, list(meta["codes"]))  # type: ignore[arg-type]
+                    HeadVersion(
+                        name,
+                        existing[-1],
+                        policy.policy_id,
+                        policy.effective_version,
+                        list(meta["codes"]),
+                    )  # type: ignore[arg-type]
                 )
                 write_ensemble(repo, name, policy.policy_id, flavour=flavour)
                 continue

@@ -16,4 +16,3 @@ def write_all() -> list[Path]:
         path.write_text(text)
         paths.append(path)
     return paths
-

@@ -43,20 +43,39 @@ def test_uploads_get_one_verdict_each_and_bad_ones_land_in_the_dlq(
     s3.put_object(Bucket="uploads", Key="t/a.jpg", Body=landscape(1))
     s3.put_object(Bucket="uploads", Key="t/b.jpg", Body=landscape(2))
     s3.put_object(Bucket="uploads", Key="t/corrupt.jpg", Body=landscape(3)[:1200])
-    env = {**worker_env, "STREAM_GUARD_POLICY__TENANTS": json.dumps(
-        {"strict-tenant": str(escalate_all_policy)})}
+    env = {
+        **worker_env,
+        "STREAM_GUARD_POLICY__TENANTS": json.dumps({"strict-tenant": str(escalate_all_policy)}),
+    }
     start_worker(env)
-    publish(stack.bootstrap, topics.uploads, [
-        (b"neutral", upload("neutral", "Sunset over the hills on our hike", ["s3://uploads/t/sunset.jpg"])),
-        (b"threat", upload("threat", "I know where you live and I am going to kill you tonight")),
-        (b"selfharm", upload("selfharm", "I can't go on, tonight I will end my life")),
-        (b"multi", upload("multi", "our family trip", ["s3://uploads/t/a.jpg", "s3://uploads/t/b.jpg"])),
-        (b"escalated", upload("escalated", "a quiet afternoon", tenant_id="strict-tenant")),
-        (b"corrupt", upload("corrupt", "profile pic", ["s3://uploads/t/corrupt.jpg"])),
-        (b"missing", upload("missing", "look", ["s3://uploads/t/nope.jpg"])),
-        (b"garbage", b"{not json"),
-        (b"other-bucket", upload("other-bucket", "x", ["s3://secrets/passwords.png"])),
-    ])
+    publish(
+        stack.bootstrap,
+        topics.uploads,
+        [
+            (
+                b"neutral",
+                upload(
+                    "neutral", "Sunset over the hills on our hike", ["s3://uploads/t/sunset.jpg"]
+                ),
+            ),
+            (
+                b"threat",
+                upload("threat", "I know where you live and I am going to kill you tonight"),
+            ),
+            (b"selfharm", upload("selfharm", "I can't go on, tonight I will end my life")),
+            (
+                b"multi",
+                upload(
+                    "multi", "our family trip", ["s3://uploads/t/a.jpg", "s3://uploads/t/b.jpg"]
+                ),
+            ),
+            (b"escalated", upload("escalated", "a quiet afternoon", tenant_id="strict-tenant")),
+            (b"corrupt", upload("corrupt", "profile pic", ["s3://uploads/t/corrupt.jpg"])),
+            (b"missing", upload("missing", "look", ["s3://uploads/t/nope.jpg"])),
+            (b"garbage", b"{not json"),
+            (b"other-bucket", upload("other-bucket", "x", ["s3://secrets/passwords.png"])),
+        ],
+    )
     verdicts = _by_key(read(stack.bootstrap, topics.verdicts, 5, timeout=90, settle=2))
     dlq = _by_key(read(stack.bootstrap, topics.dlq, 4, timeout=30, settle=1))
     escalations = _by_key(read(stack.bootstrap, topics.escalations, 1, timeout=30))
@@ -86,7 +105,7 @@ def test_uploads_get_one_verdict_each_and_bad_ones_land_in_the_dlq(
     assert esc["policy_id"] == "escalate_all"  # the tenant's policy, nobody else's
     assert verdicts["neutral"][0]["policy_id"] == "llama_guard_4"
     assert "escalated" in escalations
-    for uid, recs in escalations.items():  # an escalation always follows a provisional verdict
+    for uid in escalations:  # an escalation always follows a provisional verdict
         assert verdicts[uid][0]["decision"] == "escalate" and not verdicts[uid][0]["final"]
     assert escalations["escalated"][0]["fast_verdict"]["verdict_id"] == esc["verdict_id"]
 

@@ -25,11 +25,18 @@ def test_one_trace_per_upload_from_producer_to_verdict_with_linked_batch_span(
     span_file = tmp_path / "spans.jsonl"
     proc, port = start_worker({**worker_env, "STREAM_GUARD_TELEMETRY__SPAN_FILE": str(span_file)})
     for n in (1, 2, 3):
-        publish(stack.bootstrap, topics.uploads,
-                [(f"tr{n}".encode(), upload(f"tr{n}", f"a calm lake number {n}"))],
-                headers=[("traceparent", _traceparent(n))])
-    publish(stack.bootstrap, topics.uploads, [(b"trbad", b"garbage")],
-            headers=[("traceparent", _traceparent(4))])
+        publish(
+            stack.bootstrap,
+            topics.uploads,
+            [(f"tr{n}".encode(), upload(f"tr{n}", f"a calm lake number {n}"))],
+            headers=[("traceparent", _traceparent(n))],
+        )
+    publish(
+        stack.bootstrap,
+        topics.uploads,
+        [(b"trbad", b"garbage")],
+        headers=[("traceparent", _traceparent(4))],
+    )
     verdicts = read(stack.bootstrap, topics.verdicts, 3, timeout=60)
     dlq = read(stack.bootstrap, topics.dlq, 1, timeout=30)
     time.sleep(1.0)
@@ -58,9 +65,7 @@ def test_one_trace_per_upload_from_producer_to_verdict_with_linked_batch_span(
     # Structured logs: the dead letter's line names its record and the upload's trace.
     lines = [json.loads(x) for x in proc.log_path.read_text().splitlines() if x.startswith("{")]
     dead = [x for x in lines if x.get("error_code") == "event.malformed"]
-    assert dead and dead[0]["where"].startswith(
-        f"{topics.uploads}["
-    )
+    assert dead and dead[0]["where"].startswith(f"{topics.uploads}[")
     assert dead[0]["trace_id"] == TRACE_ID % 4
 
 
@@ -83,11 +88,15 @@ def test_metrics_move_and_health_endpoints_answer(stack, topics, worker_env, sta
     ready = httpx.get(f"{base}/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     before = httpx.get(f"{base}/metrics").text
-    publish(stack.bootstrap, topics.uploads, [
-        (b"m1", upload("m1", "lunch with friends")),
-        (b"m2", upload("m2", "I will hunt you down and kill you")),
-        (b"m3", b"[]"),
-    ])
+    publish(
+        stack.bootstrap,
+        topics.uploads,
+        [
+            (b"m1", upload("m1", "lunch with friends")),
+            (b"m2", upload("m2", "I will hunt you down and kill you")),
+            (b"m3", b"[]"),
+        ],
+    )
     read(stack.bootstrap, topics.verdicts, 2, timeout=60)
     read(stack.bootstrap, topics.dlq, 1, timeout=30)
     time.sleep(1.5)
@@ -95,7 +104,9 @@ def test_metrics_move_and_health_endpoints_answer(stack, topics, worker_env, sta
     assert _metric(after, "stream_guard_events_total", outcome="allow") >= 1
     assert _metric(after, "stream_guard_events_total", outcome="dlq") >= 1
     assert _metric(after, "stream_guard_dead_letters_total", code="event.malformed") >= 1
-    assert _metric(after, "stream_guard_batch_size_count") > _metric(before, "stream_guard_batch_size_count")
+    assert _metric(after, "stream_guard_batch_size_count") > _metric(
+        before, "stream_guard_batch_size_count"
+    )
     assert _metric(after, "stream_guard_stage_seconds_count", stage="process") >= 1
     assert _metric(after, "stream_guard_end_to_end_seconds_count") >= 3
     assert _metric(after, "stream_guard_dependency_up", dependency="triton") == 1

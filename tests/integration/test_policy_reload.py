@@ -38,8 +38,11 @@ def test_adding_a_category_flags_matching_uploads_without_restart(
     data["policy_id"] = policy_id
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {**worker_env, "STREAM_GUARD_POLICY__PATH": str(path),
-           "STREAM_GUARD_POLICY__RELOAD_INTERVAL_S": "0.5"}
+    env = {
+        **worker_env,
+        "STREAM_GUARD_POLICY__PATH": str(path),
+        "STREAM_GUARD_POLICY__RELOAD_INTERVAL_S": "0.5",
+    }
     start_worker(env)
 
     publish(stack.bootstrap, topics.uploads, [(b"before", upload("before", GAMBLING_TEXT))])

@@ -35,8 +35,12 @@ def escalating_env(worker_env, tmp_path: Path) -> dict[str, str]:
         cat.pop("thresholds", None)
     path = tmp_path / "escalate_all.yaml"
     path.write_text(yaml.safe_dump(data))
-    return {**worker_env, "STREAM_GUARD_POLICY__TENANTS": json.dumps({"esc": str(path)}),
-            "STREAM_GUARD_REASONING__ATTEMPTS": "2", "STREAM_GUARD_REASONING__TIMEOUT_S": "60"}
+    return {
+        **worker_env,
+        "STREAM_GUARD_POLICY__TENANTS": json.dumps({"esc": str(path)}),
+        "STREAM_GUARD_REASONING__ATTEMPTS": "2",
+        "STREAM_GUARD_REASONING__TIMEOUT_S": "60",
+    }
 
 
 def _finals(stack, topics, n: int, timeout: float = 180) -> list[dict]:
@@ -66,8 +70,11 @@ def test_escalated_upload_gets_a_final_verdict_with_rationale_from_llama_cpp(
     env = {**escalating_env, "STREAM_GUARD_REASONING__BASE_URL": llama_server}
     start_worker(env)
     start_worker(env, kind="reason")
-    publish(stack.bootstrap, topics.uploads,
-            [(b"esc-1", upload("esc-1", "I am going to hurt you badly tomorrow", tenant_id="esc"))])
+    publish(
+        stack.bootstrap,
+        topics.uploads,
+        [(b"esc-1", upload("esc-1", "I am going to hurt you badly tomorrow", tenant_id="esc"))],
+    )
     finals = _finals(stack, topics, 1)
     assert len(finals) == 1
     final = finals[0]
@@ -89,8 +96,9 @@ class _Garbage(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - /v1/chat/completions
         self.rfile.read(int(self.headers.get("content-length", 0)))
-        self._send({"choices": [{"message": {"role": "assistant",
-                                             "content": "S1,S1,S1 lorem ipsum {{{"}}]})
+        self._send(
+            {"choices": [{"message": {"role": "assistant", "content": "S1,S1,S1 lorem ipsum {{{"}}]}
+        )
 
     def _send(self, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -115,14 +123,22 @@ def test_reasoning_server_down_or_answering_garbage_ends_in_review(
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    env = {**escalating_env, "STREAM_GUARD_REASONING__BASE_URL": base_url,
-           "STREAM_GUARD_REASONING__TIMEOUT_S": "5"}
+    env = {
+        **escalating_env,
+        "STREAM_GUARD_REASONING__BASE_URL": base_url,
+        "STREAM_GUARD_REASONING__TIMEOUT_S": "5",
+    }
     try:
         start_worker(env)
         start_worker(env, kind="reason")
-        publish(stack.bootstrap, topics.uploads,
-                [(f"r-{n}".encode(), upload(f"r-{n}", f"caption {n}", tenant_id="esc"))
-                 for n in range(3)])
+        publish(
+            stack.bootstrap,
+            topics.uploads,
+            [
+                (f"r-{n}".encode(), upload(f"r-{n}", f"caption {n}", tenant_id="esc"))
+                for n in range(3)
+            ],
+        )
         finals = _finals(stack, topics, 3, timeout=120)
     finally:
         if server:
@@ -132,4 +148,8 @@ def test_reasoning_server_down_or_answering_garbage_ends_in_review(
         assert f["_topic"] == topics.review and f["decision"] == "review"
         assert f["review_reason"]
     reasons = " ".join(f["review_reason"] for f in finals).lower()
-    assert ("unavailable" in reasons) if failure == "down" else ("schema" in reasons or "answer" in reasons or "reasoningerror" in reasons)
+    assert (
+        ("unavailable" in reasons)
+        if failure == "down"
+        else ("schema" in reasons or "answer" in reasons or "reasoningerror" in reasons)
+    )

@@ -51,10 +51,12 @@ def test_dynamic_batching_merges_concurrent_requests(stack):
     async def burst():
         c = aio.InferenceServerClient(stack.triton_url)
         try:
+
             async def one(n):
                 inp = aio.InferInput("TEXT", [1, 1], "BYTES")
                 inp.set_data_from_numpy(np.array([[f"caption {n}".encode()]], dtype=np.object_))
                 await c.infer("text_encoder", [inp])
+
             before = await c.get_inference_statistics("text_encoder")
             await asyncio.gather(*(one(n) for n in range(64)))
             after = await c.get_inference_statistics("text_encoder")

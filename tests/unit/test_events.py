@@ -61,7 +61,11 @@ def test_verdict_id_is_deterministic_per_upload_policy_and_mode():
 
 def test_dead_letter_round_trips_the_original_bytes():
     raw = bytes(range(256))
-    letter = DeadLetter(error_code="event.malformed", reason="r", stage="parse",
-                        original_value_b64=DeadLetter.encode(raw) or "")
+    letter = DeadLetter(
+        error_code="event.malformed",
+        reason="r",
+        stage="parse",
+        original_value_b64=DeadLetter.encode(raw) or "",
+    )
     again = DeadLetter.model_validate(json.loads(letter.to_bytes()))
     assert again.original_value() == raw

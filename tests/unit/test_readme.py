@@ -1,4 +1,4 @@
-"""The README stays true: every setting documented, the two commands present, CI calls the test one."""
+"""The README stays true: every setting documented, the two commands, CI runs the tests."""
 
 from __future__ import annotations
 

@@ -146,3 +146,20 @@ def upload(upload_id: str, caption: str | None = None, images: list[str] | None 
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_env():
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture
+def escalate_all_policy(tmp_path: Path) -> Path:
+    """The default policy under another id, with a band covering every score: all escalate."""
+    import yaml
+
+    from stream_guard.settings import DEFAULT_POLICY
+
+    data = yaml.safe_load(DEFAULT_POLICY.read_text())
+    data["policy_id"] = "escalate_all"
+    data["thresholds"] = {"allow": 0.0, "block": 1.0}
+    for cat in data["categories"]:
+        cat.pop("thresholds", None)
+    path = tmp_path / "escalate_all.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

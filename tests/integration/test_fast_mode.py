@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import pytest
-import yaml
 
 from stream_guard.demo import landscape
-from stream_guard.settings import DEFAULT_POLICY
 from tests.conftest import publish, read, upload
 
 pytestmark = pytest.mark.integration
@@ -21,19 +18,6 @@ def _by_key(records) -> dict[str, list[dict]]:
     for r in records:
         out.setdefault(r.key.decode(), []).append(json.loads(r.value))
     return out
-
-
-@pytest.fixture
-def escalate_all_policy(tmp_path: Path) -> Path:
-    """The default policy with a band covering every score: all uploads escalate."""
-    data = yaml.safe_load(DEFAULT_POLICY.read_text())
-    data["policy_id"] = "escalate_all"
-    data["thresholds"] = {"allow": 0.0, "block": 1.0}
-    for cat in data["categories"]:
-        cat.pop("thresholds", None)
-    path = tmp_path / "escalate_all.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def test_uploads_get_one_verdict_each_and_bad_ones_land_in_the_dlq(

@@ -8,9 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
 
-from stream_guard.settings import DEFAULT_POLICY
 from stream_guard.stack import free_port, start_reasoning_server
 from tests.conftest import STATE, publish, read, upload
 
@@ -26,18 +24,11 @@ def llama_server():
 
 
 @pytest.fixture
-def escalating_env(worker_env, tmp_path: Path) -> dict[str, str]:
+def escalating_env(worker_env, escalate_all_policy: Path) -> dict[str, str]:
     """Tenant `esc` gets a policy whose band covers every score: its uploads always escalate."""
-    data = yaml.safe_load(DEFAULT_POLICY.read_text())
-    data["policy_id"] = "escalate_all"
-    data["thresholds"] = {"allow": 0.0, "block": 1.0}
-    for cat in data["categories"]:
-        cat.pop("thresholds", None)
-    path = tmp_path / "escalate_all.yaml"
-    path.write_text(yaml.safe_dump(data))
     return {
         **worker_env,
-        "STREAM_GUARD_POLICY__TENANTS": json.dumps({"esc": str(path)}),
+        "STREAM_GUARD_POLICY__TENANTS": json.dumps({"esc": str(escalate_all_policy)}),
         "STREAM_GUARD_REASONING__ATTEMPTS": "2",
         "STREAM_GUARD_REASONING__TIMEOUT_S": "60",
     }

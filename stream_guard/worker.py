@@ -94,6 +94,10 @@ class FastWorker:
         opts = faust_broker_options(settings.kafka, settings.kafka.consumer_group)
         self.app = faust.App(
             **opts,
+            # Faust's own wait for unacked messages on shutdown has no deadline (with Triton
+            # down SIGTERM never exits): drain() bounds it by shutdown_grace_s instead, and the
+            # consumer commits the acked offsets when it stops.
+            stream_wait_empty=False,
             web_enabled=True,
             web_bind=settings.telemetry.http_host,
             web_port=settings.telemetry.metrics_port,
@@ -114,6 +118,7 @@ class FastWorker:
         self.tasks: set[asyncio.Task] = set()
         self.failing: set[str] = set()
         self.ready = False
+        self.stopping = False
         self._policy_digests: dict[str, str] = {}
         self._register()
 
@@ -152,11 +157,17 @@ class FastWorker:
 
     async def drain(self) -> None:
         """SIGTERM: let in-flight batches publish and ack within the grace period."""
+        self.stopping = True
         if self.tasks:
             log.info("draining %d in-flight batches", len(self.tasks))
-            _, pending = await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_s)
+            # Keep ~2 s of the grace period for committing offsets and leaving the group.
+            grace = self.settings.shutdown_grace_s
+            _, pending = await asyncio.wait(self.tasks, timeout=max(grace - 2.0, grace / 2))
             for task in pending:
                 task.cancel()
+            if pending:  # their events stay unacked: the next owner of the partition redoes them
+                log.warning("%d batches unfinished after the grace period", len(pending))
+                await asyncio.wait(pending, timeout=1.0)
 
     # -- the agent ---------------------------------------------------------------------------
 
@@ -169,6 +180,9 @@ class FastWorker:
             batch_cfg = worker.settings.batch
             async for events in stream.noack_take(batch_cfg.max_size, within=batch_cfg.window_s):
                 await worker.in_flight.acquire()
+                if worker.stopping:  # draining: leave the batch unacked for the next owner
+                    worker.in_flight.release()
+                    continue
                 task = asyncio.ensure_future(worker._handle(stream, list(events)))
                 worker.tasks.add(task)
                 task.add_done_callback(worker.tasks.discard)
@@ -311,6 +325,7 @@ class FastWorker:
         checks = {
             "triton": await self.models.ready(),
             "s3": await loop.run_in_executor(None, self.store.ping),
+            "kafka": await self._broker_reachable(),
         }
         for dep, ok in checks.items():
             tm.DEPENDENCY_UP.labels(dep).set(1 if ok else 0)
@@ -320,6 +335,21 @@ class FastWorker:
                 self.failing.add(dep)
         tm.READY.set(1 if self.ready and not self.failing else 0)
         await self._observe_lag()
+
+    async def _broker_reachable(self) -> bool:
+        """A TCP connect to any bootstrap server: cheap, and false while the broker is down
+        (aiokafka itself only retries quietly)."""
+        for server in self.settings.kafka.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host.strip("[]"), int(port)), 1.0
+                )
+            except (OSError, TimeoutError, ValueError):
+                continue
+            writer.close()
+            return True
+        return False
 
     async def _observe_lag(self) -> None:
         """Consumer lag per partition: the fetch response's high watermark minus our position

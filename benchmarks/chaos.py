@@ -273,7 +273,9 @@ async def wait_until_decided(run: Run) -> None:
 
 
 def summarize(cfg: Config, run: Run) -> dict[str, int]:
-    ids = [f"c{n:06d}" for n in range(cfg.uploads)]
+    # Only what was published counts (all of it unless the deadline cut the run short); an
+    # upload still without its outcome at the deadline counts as lost.
+    ids = [f"c{n:06d}" for n in range(run.published)]
     outcomes = Counter(outcome(run, uid) for uid in ids)
     conflicting = duplicates = 0
     for uid in ids:
@@ -285,8 +287,8 @@ def summarize(cfg: Config, run: Run) -> dict[str, int]:
         duplicates += sum(len(vs) - 1 for vs in by_flag.values())
     esc_conflicting = sum(len(set(v)) > 1 for v in run.escalations.values())
     return {
-        "uploads_in": cfg.uploads,
-        "published": run.published,
+        "uploads_in": run.published,
+        "planned": cfg.uploads,
         "verdicts_out": sum(len(v) for v in run.verdicts.values()),
         "final": outcomes["final"],
         "escalated": outcomes["escalated"],
@@ -321,7 +323,8 @@ def report(cfg: Config, run: Run, result: dict[str, int], rebalances: int) -> st
         f"stream-guard chaos run, {when}, on {machine()}",
         f"  setup: Tansu on s3:// storage (moto), {cfg.workers} fast workers in one group, "
         f"{cfg.partitions} partitions, seed {cfg.seed}",
-        f"  uploads in:      {result['uploads_in']} ({run.with_image} with an image)",
+        f"  uploads in:      {result['uploads_in']} of {cfg.uploads} planned "
+        f"({run.with_image} with an image)",
         f"  verdicts out:    {result['verdicts_out']} records: {result['final']} uploads final, "
         f"{result['escalated']} provisional + escalation, {result['dead_lettered']} dead-lettered",
         f"  kills survived:  {result['kills_survived']} SIGKILLs "

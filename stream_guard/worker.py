@@ -160,9 +160,10 @@ class FastWorker:
         self.stopping = True
         if self.tasks:
             log.info("draining %d in-flight batches", len(self.tasks))
-            # Keep ~2 s of the grace period for committing offsets and leaving the group.
+            # Keep 3 s of the grace period for committing offsets, leaving the group and
+            # closing the loop (about 1.5 s measured on 2 cores).
             grace = self.settings.shutdown_grace_s
-            _, pending = await asyncio.wait(self.tasks, timeout=max(grace - 2.0, grace / 2))
+            _, pending = await asyncio.wait(self.tasks, timeout=max(grace - 3.0, grace / 2))
             for task in pending:
                 task.cancel()
             if pending:  # their events stay unacked: the next owner of the partition redoes them

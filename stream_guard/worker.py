@@ -19,12 +19,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
+from opentelemetry.trace import SpanKind
 from prometheus_client import generate_latest
 
-from opentelemetry.trace import SpanKind
-
 from . import telemetry as tm
-from .telemetry import PROM_CONTENT_TYPE
 from . import tracing
 from .errors import TransientError
 from .heads import ensure_head
@@ -35,6 +33,7 @@ from .policy import load_policy
 from .retry import backoff_delays
 from .settings import KafkaSettings, Settings
 from .storage import ObjectStore
+from .telemetry import PROM_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,9 @@ def _credentials(kafka: KafkaSettings) -> Any:
 
     context = None
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+        context = ssl.create_default_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+        )
     if kafka.security_protocol == "SSL":
         return faust.SSLCredentials(context)
     password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
@@ -113,6 +114,7 @@ class FastWorker:
         self.models: GuardModels | None = None
         self.store: ObjectStore | None = None
         self.moderator: Moderator | None = None
+        self._started = asyncio.Event()
         self.registry: PolicyRegistry | None = None
         self.in_flight = asyncio.Semaphore(settings.batch.max_in_flight)
         self.tasks: set[asyncio.Task] = set()
@@ -138,7 +140,9 @@ class FastWorker:
                 for tenant, policy in policies.items():
                     if policy.policy_id not in by_id:
                         by_id[policy.policy_id] = await ensure_head(
-                            policy, self.models, prefix=s.triton.head_model,
+                            policy,
+                            self.models,
+                            prefix=s.triton.head_model,
                             repo=s.triton.model_repository,
                         )
                     heads[tenant] = by_id[policy.policy_id]
@@ -151,9 +155,11 @@ class FastWorker:
         self.registry = PolicyRegistry(default, heads)
         for head in self.registry.heads():
             self._policy_digests[head.policy.policy_id] = head.policy.digest
-            tm.POLICY_VERSION.labels(head.policy.policy_id, head.policy.effective_version,
-                                     head.model_version).set(1)
+            tm.POLICY_VERSION.labels(
+                head.policy.policy_id, head.policy.effective_version, head.model_version
+            ).set(1)
         self.moderator = Moderator(s, self.models, self.store, self.registry)
+        self._started.set()
 
     async def drain(self) -> None:
         """SIGTERM: let in-flight batches publish and ack within the grace period."""
@@ -221,8 +227,7 @@ class FastWorker:
             await worker.drain()
 
     async def _wait_started(self) -> None:
-        while self.moderator is None:
-            await asyncio.sleep(0.05)
+        await self._started.wait()
 
     async def _handle(self, stream: faust.StreamT, events: list[Any]) -> None:
         tm.IN_FLIGHT.inc()
@@ -242,9 +247,13 @@ class FastWorker:
             tm.BATCH_SIZE.observe(len(records))
             links = [link for r in records if (link := tracing.link_to(r.headers))]
             with tracing.tracer().start_as_current_span(
-                f"{records[0].topic} process batch", kind=SpanKind.CONSUMER, links=links,
-                attributes={"messaging.system": "kafka",
-                            "messaging.batch.message_count": len(records)},
+                f"{records[0].topic} process batch",
+                kind=SpanKind.CONSUMER,
+                links=links,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.batch.message_count": len(records),
+                },
             ):
                 results = await self._process_with_retry(records)
                 with tracing.tracer().start_as_current_span("publish", kind=SpanKind.PRODUCER):
@@ -269,8 +278,13 @@ class FastWorker:
                 dep = getattr(e, "dependency", "unknown")
                 self.failing.add(dep)
                 tm.RETRIES.labels(dep).inc()
-                log.warning("batch %s..%s: %s; retrying in %.1fs",
-                            records[0].where, records[-1].where, e, delay)
+                log.warning(
+                    "batch %s..%s: %s; retrying in %.1fs",
+                    records[0].where,
+                    records[-1].where,
+                    e,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -278,7 +292,11 @@ class FastWorker:
         producer = self.app.producer
         futures = [
             await producer.send(
-                self.topic_names[o.role], o.key, o.value, partition=None, timestamp=None,
+                self.topic_names[o.role],
+                o.key,
+                o.value,
+                partition=None,
+                timestamp=None,
                 headers=list(o.headers.items()),
             )
             for o in outputs
@@ -302,8 +320,12 @@ class FastWorker:
                 except Exception as e:  # aiokafka errors, timeouts: all transient here
                     self.failing.add("kafka")
                     tm.RETRIES.labels("kafka").inc()
-                    log.warning("publishing %d records failed: %r; retrying in %.1fs",
-                                len(outputs), e, delay)
+                    log.warning(
+                        "publishing %d records failed: %r; retrying in %.1fs",
+                        len(outputs),
+                        e,
+                        delay,
+                    )
                     await asyncio.sleep(delay)
         tm.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - start)
 
@@ -380,18 +402,28 @@ class FastWorker:
             if self._policy_digests.get(policy.policy_id) == policy.digest:
                 continue
             try:
-                head = await ensure_head(policy, self.models, prefix=s.triton.head_model,
-                                         repo=s.triton.model_repository)
+                head = await ensure_head(
+                    policy, self.models, prefix=s.triton.head_model, repo=s.triton.model_repository
+                )
             except Exception as e:
-                log.error("policy %s %s failed to compile or load: %s", policy.policy_id,
-                          policy.effective_version, e)
+                log.error(
+                    "policy %s %s failed to compile or load: %s",
+                    policy.policy_id,
+                    policy.effective_version,
+                    e,
+                )
                 continue
             self.registry.replace(policy.policy_id, head)
             self._policy_digests[policy.policy_id] = policy.digest
-            tm.POLICY_VERSION.labels(policy.policy_id, policy.effective_version,
-                                     head.model_version).set(1)
-            log.info("policy %s now %s on %s", policy.policy_id, policy.effective_version,
-                     head.model_version)
+            tm.POLICY_VERSION.labels(
+                policy.policy_id, policy.effective_version, head.model_version
+            ).set(1)
+            log.info(
+                "policy %s now %s on %s",
+                policy.policy_id,
+                policy.effective_version,
+                head.model_version,
+            )
 
 
 def create_worker(settings: Settings | None = None) -> FastWorker:

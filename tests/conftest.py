@@ -55,16 +55,22 @@ class Topics:
 @pytest.fixture
 def topics(stack) -> Topics:
     tag = uuid.uuid4().hex[:8]
-    t = Topics(*(f"t{tag}.{n}" for n in ("uploads", "verdicts", "escalations", "review", "dlq")),
-               group=f"g{tag}")
+    t = Topics(
+        *(f"t{tag}.{n}" for n in ("uploads", "verdicts", "escalations", "review", "dlq")),
+        group=f"g{tag}",
+    )
     stack.create_topics([t.uploads, t.verdicts, t.escalations, t.review, t.dlq])
     return t
 
 
 @pytest.fixture
 def worker_env(stack, topics) -> dict[str, str]:
-    return {**stack.env(), **topics.env(), "STREAM_GUARD_BATCH__WINDOW_S": "0.05",
-            "STREAM_GUARD_RETRY__MAX_BACKOFF_S": "1.0"}
+    return {
+        **stack.env(),
+        **topics.env(),
+        "STREAM_GUARD_BATCH__WINDOW_S": "0.05",
+        "STREAM_GUARD_RETRY__MAX_BACKOFF_S": "1.0",
+    }
 
 
 @pytest.fixture
@@ -91,8 +97,12 @@ def s3(stack):
     return s3_client(stack.s3_endpoint)
 
 
-def publish(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]],
-            headers: list[tuple[str, bytes]] | None = None) -> None:
+def publish(
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     from aiokafka import AIOKafkaProducer
 
     async def run() -> None:
@@ -107,14 +117,20 @@ def publish(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]
     asyncio.run(run())
 
 
-def read(bootstrap: str, topic: str, count: int, timeout: float = 60.0,
-         settle: float = 0.0) -> list:
+def read(
+    bootstrap: str, topic: str, count: int, timeout: float = 60.0, settle: float = 0.0
+) -> list:
     """Read at least ``count`` records (then ``settle`` more seconds) from the beginning."""
     from aiokafka import AIOKafkaConsumer
 
     async def run() -> list:
-        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             group_id=None, enable_auto_commit=False)
+        c = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            group_id=None,
+            enable_auto_commit=False,
+        )
         await c.start()
         out: list = []
         extra = settle
@@ -136,10 +152,15 @@ def read(bootstrap: str, topic: str, count: int, timeout: float = 60.0,
     return asyncio.run(run())
 
 
-def upload(upload_id: str, caption: str | None = None, images: list[str] | None = None,
-           **extra) -> bytes:
-    event = {"upload_id": upload_id, "text": {"caption": caption},
-             "images": [{"uri": u} for u in (images or [])], **extra}
+def upload(
+    upload_id: str, caption: str | None = None, images: list[str] | None = None, **extra
+) -> bytes:
+    event = {
+        "upload_id": upload_id,
+        "text": {"caption": caption},
+        "images": [{"uri": u} for u in (images or [])],
+        **extra,
+    }
     return json.dumps(event).encode()
 
 

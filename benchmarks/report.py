@@ -1,0 +1,271 @@
+"""The results as a Markdown section (tables, targets, a JSON block) appended to RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CPU_ORDER = (
+    "triton",
+    "worker-1",
+    "worker-2",
+    "naive",
+    "broker",
+    "s3",
+    "harness",
+    "other processes",
+)
+
+
+def _f(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _cpu(meter: dict) -> str:
+    cpu = meter["cpu_percent_of_one_core"]
+    parts = [f"{name} {cpu[name]:.0f}" for name in CPU_ORDER if cpu.get(name)]
+    return ", ".join(parts) + f" (busy {cpu.get('machine busy', 0):.0f})"
+
+
+def _batches(meter: dict) -> str:
+    tri = meter.get("triton", {})
+    head = next((v for k, v in tri.items() if k.startswith("guard_head")), {})
+    vals = [
+        tri.get("text_encoder", {}).get("avg_batch"),
+        tri.get("image_detector", {}).get("avg_batch"),
+        head.get("avg_batch"),
+    ]
+    return " / ".join(_f(v) for v in vals)
+
+
+def _queue(meter: dict) -> str:
+    tri = meter.get("triton", {})
+    vals = [tri.get(m, {}).get("queue_us_per_request") for m in ("text_encoder", "image_detector")]
+    return " / ".join("-" if v is None else f"{v / 1000:.1f}" for v in vals)
+
+
+HEADER = (
+    "| measurement | offered /s | delivered uploads/s | p50 ms | p95 ms | p99 ms | "
+    "Triton avg batch text / image / head | Triton queue ms text / image | "
+    "worker avg batch | CPU, % of one core |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _noisy(meter: dict, limit: float) -> str:
+    other = meter["cpu_percent_of_one_core"].get("other processes", 0)
+    return f" (noisy: other programs {other:.0f} %)" if other > limit else ""
+
+
+def _ceiling_rows(ceiling: dict, limit: float) -> list[str]:
+    rows = []
+    for p in ceiling["points"]:
+        mark = " **best**" if p in (ceiling["best_per_upload"], ceiling["best_any"]) else ""
+        what = (
+            f"(a) bare Triton, concurrency {p['concurrency']}"
+            + (f", client batch {p['client_batch']}" if p["client_batch"] > 1 else "")
+            + mark
+            + _noisy(p["meter"], limit)
+        )
+        rows.append(
+            f"| {what} | closed loop | {_f(p['uploads_per_s'])} | {_f(p['p50_ms'])} | "
+            f"{_f(p['p95_ms'])} | {_f(p['p99_ms'])} | {_batches(p['meter'])} | "
+            f"{_queue(p['meter'])} | | {_cpu(p['meter'])} |"
+        )
+    return rows
+
+
+def _naive_row(naive: dict, limit: float) -> str:
+    st, m = naive["service_time"], naive["meter"]
+    return (
+        f"| (b) naive one-at-a-time consumer (latency = service time per message)"
+        f"{_noisy(m, limit)} | backlog | "
+        f"{_f(naive['uploads_per_s'])} | {_f(st['p50_ms'])} | {_f(st['p95_ms'])} | "
+        f"{_f(st['p99_ms'])} | {_batches(m)} | {_queue(m)} | 1 | {_cpu(m)} |"
+    )
+
+
+def _sg_rows(run: dict, limit: float) -> list[str]:
+    rows = []
+    for name, p in run["phases"].items():
+        lat = p.get("latency", {})
+        offered = "backlog" if p["rate_target_per_s"] is None else _f(p["rate_target_per_s"])
+        done = "" if p.get("complete") else f" (INCOMPLETE {p['answered']}/{p['sent']})"
+        rows.append(
+            f"| (c) stream-guard, {run['workers']} worker{'s' if run['workers'] > 1 else ''}, "
+            f"{name}{done}{_noisy(p['meter'], limit)} | {offered} | "
+            f"{_f(p.get('delivered_per_s'))} | {_f(lat.get('p50_ms'))} | "
+            f"{_f(lat.get('p95_ms'))} | {_f(lat.get('p99_ms'))} | {_batches(p['meter'])} | "
+            f"{_queue(p['meter'])} | {_f(p['worker']['avg_batch'])} | {_cpu(p['meter'])} |"
+        )
+    return rows
+
+
+def targets(results: dict) -> dict:
+    """The three targets of issue 7, evaluated on this run."""
+    ceiling = results["ceiling"]
+    first = results["stream_guard"][0]
+    best_run = max(
+        results["stream_guard"], key=lambda r: r["phases"]["burst"].get("delivered_per_s") or 0
+    )
+    sg_max = best_run["phases"]["burst"].get("delivered_per_s") or 0.0
+    ceiling_rate = ceiling["best_any"]["uploads_per_s"]
+    naive_rate = results["naive"]["uploads_per_s"]
+    p99_70 = first["phases"].get("70pct-of-max", {}).get("latency", {}).get("p99_ms")
+    window_ms = results["window_s"] * 1000
+    bare_best = ceiling["best_per_upload"]["p99_ms"]
+    bare_one = (ceiling.get("unloaded") or {}).get("p99_ms")
+    out = {
+        "stream_guard_max_per_s": sg_max,
+        "stream_guard_max_workers": best_run["workers"],
+        "ceiling_per_s": ceiling_rate,
+        "naive_per_s": naive_rate,
+        "throughput_vs_ceiling": round(sg_max / ceiling_rate, 3) if ceiling_rate else None,
+        "throughput_vs_naive": round(sg_max / naive_rate, 2) if naive_rate else None,
+        "p99_at_70pct_of_max_ms": p99_70,
+        "p99_bound_ms": round(3 * bare_best + window_ms, 1) if bare_best else None,
+        "p99_bound_strict_ms": round(3 * bare_one + window_ms, 1) if bare_one else None,
+    }
+    out["met"] = {
+        "throughput_vs_ceiling": bool(
+            out["throughput_vs_ceiling"] and out["throughput_vs_ceiling"] >= 0.8
+        ),
+        "throughput_vs_naive": bool(out["throughput_vs_naive"] and out["throughput_vs_naive"] >= 5),
+        "p99_at_70pct": bool(
+            p99_70 is not None and out["p99_bound_ms"] and p99_70 <= out["p99_bound_ms"]
+        ),
+        "p99_at_70pct_strict": bool(
+            p99_70 is not None
+            and out["p99_bound_strict_ms"]
+            and p99_70 <= out["p99_bound_strict_ms"]
+        ),
+    }
+    return out
+
+
+def _verdict(ok: bool, measured: float | None, goal: float, higher_is_better: bool = True) -> str:
+    if measured is None:
+        return "not measured"
+    if ok:
+        return "**met**"
+    if higher_is_better:
+        return f"**missed** by {100 * (goal - measured) / goal:.0f} % ({measured:g} vs {goal:g})"
+    return f"**missed** by {100 * (measured - goal) / goal:.0f} % ({measured:g} vs {goal:g} ms)"
+
+
+def _escalations(run: dict) -> tuple[int, int]:
+    esc = total = 0
+    for p in run["phases"].values():
+        d = p.get("decisions", {})
+        esc += d.get("escalate", 0)
+        total += sum(n for k, n in d.items() if k != "dlq")
+    return esc, total
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"## {m['date']}" + (f" - {results['label']}" if results.get("label") else ""),
+        "",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}; load average at start {m['load_avg_at_start']}",
+        f"- git commit {m['git_commit']}"
+        + (
+            " (with uncommitted changes under stream_guard/ or model_repository/)"
+            if m.get("pipeline_uncommitted_changes")
+            else ""
+        ),
+        f"- Triton: {results['triton']}; run took {results['duration_s']} s",
+        "- CPU column: % of ONE core per component over the phase (this machine has "
+        f"{m['cores']}, so {100 * (m['cores'] or 1)} % is everything); `other processes` is CPU "
+        "used by programs outside this benchmark (other sessions on the shared machine).",
+        "",
+    ]
+    if results["mode"] == "sweep":
+        return "\n".join(lines + _render_sweep(results))
+    limit = results.get("args", {}).get("noise_limit", 40.0)
+    lines += [
+        HEADER,
+        *_ceiling_rows(results["ceiling"], limit),
+        _naive_row(results["naive"], limit),
+    ]
+    for run in results["stream_guard"]:
+        lines += _sg_rows(run, limit)
+    lines.append("")
+    for run in results["stream_guard"]:
+        esc, total = _escalations(run)
+        lines.append(
+            f"- {run['workers']} worker(s) with {run['settings']}: peak RSS (VmHWM) "
+            f"{run['worker_peak_rss_mib']} MiB; escalation rate {esc}/{total}"
+            f" = {100 * esc / max(total, 1):.1f} % of verdicts; duplicate verdicts seen "
+            f"{run['duplicates_seen']}"
+        )
+    t = targets(results)
+    results["targets"] = t
+    met = t["met"]
+    p99 = t["p99_at_70pct_of_max_ms"]
+    lines += [
+        "",
+        "| target (issue 7) | measured | goal | result |",
+        "|---|---|---|---|",
+        f"| end-to-end throughput vs bare Triton ceiling | {_f(t['throughput_vs_ceiling'], 2)} "
+        f"({t['stream_guard_max_per_s']} vs {t['ceiling_per_s']} uploads/s) | >= 0.8 | "
+        f"{_verdict(met['throughput_vs_ceiling'], t['throughput_vs_ceiling'], 0.8)} |",
+        f"| end-to-end throughput vs naive consumer | {_f(t['throughput_vs_naive'], 2)} "
+        f"({t['stream_guard_max_per_s']} vs {t['naive_per_s']} uploads/s) | >= 5 | "
+        f"{_verdict(met['throughput_vs_naive'], t['throughput_vs_naive'], 5)} |",
+        f"| p99 at 70 % of max throughput vs 3 x bare p99 (best concurrency) + batch window | "
+        f"{_f(t['p99_at_70pct_of_max_ms'])} ms | <= {_f(t['p99_bound_ms'])} ms | "
+        f"{_verdict(met['p99_at_70pct'], p99, t['p99_bound_ms'] or 0, False)} |",
+        f"| same, stricter: vs 3 x bare p99 at concurrency 1 + batch window | "
+        f"{_f(t['p99_at_70pct_of_max_ms'])} ms | <= {_f(t['p99_bound_strict_ms'])} ms | "
+        f"{_verdict(met['p99_at_70pct_strict'], p99, t['p99_bound_strict_ms'] or 0, False)} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _render_sweep(results: dict) -> list[str]:
+    c = results["ceiling"]
+    lines = [
+        f"Tunables sweep (one worker each; ceiling this run {c['best_any']['uploads_per_s']} "
+        f"uploads/s at concurrency {c['best_any']['concurrency']}, client batch "
+        f"{c['best_any']['client_batch']}).",
+        "",
+        "| worker settings (changed from defaults) | max delivered /s (burst) | worker avg batch | "
+        "Triton avg batch text / image / head | p50 / p99 ms at 70 % of that max | "
+        "peak RSS MiB | CPU in burst, % of one core |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results["sweep"]:
+        burst = row["phases"]["burst"]
+        seventy = row["phases"].get("70pct-of-max", {}).get("latency", {})
+        changed = ", ".join(f"{k}={v}" for k, v in row["config"].items()) or "defaults"
+        lines.append(
+            f"| {changed} | {_f(burst.get('delivered_per_s'))} | "
+            f"{_f(burst['worker']['avg_batch'])} "
+            f"| {_batches(burst['meter'])} | {_f(seventy.get('p50_ms'))} / "
+            f"{_f(seventy.get('p99_ms'))} | {row['worker_peak_rss_mib']} | {_cpu(burst['meter'])} |"
+        )
+    lines.append("")
+    return lines
+
+
+def append(path: Path, text: str, results: dict) -> None:
+    block = json.dumps(results, indent=1, sort_keys=True, default=str)
+    if not path.exists():
+        path.write_text(
+            "# Benchmark results\n\nAppended by `python -m benchmarks.e2e`; newest "
+            "last. See README.md for what each number means.\n\n"
+        )
+    with path.open("a") as fh:
+        fh.write(
+            text
+            + "\n<details><summary>JSON</summary>\n\n```json\n"
+            + block
+            + "\n```\n\n</details>\n\n"
+        )

@@ -64,7 +64,8 @@ def _noisy(meter: dict, limit: float) -> str:
 def _ceiling_rows(ceiling: dict, limit: float) -> list[str]:
     rows = []
     for p in ceiling["points"]:
-        mark = " **best**" if p in (ceiling["best_per_upload"], ceiling["best_any"]) else ""
+        mark = " **best concurrency**" if p == ceiling["best_per_upload"] else ""
+        mark += " **ceiling**" if p == ceiling["best_any"] else ""
         what = (
             f"(a) bare Triton, concurrency {p['concurrency']}"
             + (f", client batch {p['client_batch']}" if p["client_batch"] > 1 else "")
@@ -91,7 +92,12 @@ def _naive_row(naive: dict, limit: float) -> str:
 
 def _sg_rows(run: dict, limit: float) -> list[str]:
     rows = []
-    for name, p in run["phases"].items():
+    # Burst first, then by offered load (stored JSON comes back with its keys sorted).
+    phases = sorted(
+        run["phases"].items(),
+        key=lambda kv: (kv[1]["rate_target_per_s"] is not None, kv[1]["rate_target_per_s"] or 0),
+    )
+    for name, p in phases:
         lat = p.get("latency", {})
         offered = "backlog" if p["rate_target_per_s"] is None else _f(p["rate_target_per_s"])
         done = "" if p.get("complete") else f" (INCOMPLETE {p['answered']}/{p['sent']})"
@@ -238,25 +244,28 @@ def _render_sweep(results: dict) -> list[str]:
         "",
         "| worker settings (changed from defaults) | max delivered /s (burst) | worker avg batch | "
         "Triton avg batch text / image / head | p50 / p99 ms at 70 % of that max | "
-        "peak RSS MiB | CPU in burst, % of one core |",
-        "|---|---|---|---|---|---|---|",
+        "peak RSS MiB | CPU in burst, % of one core | other programs in the 70 % phase |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["sweep"]:
         burst = row["phases"]["burst"]
-        seventy = row["phases"].get("70pct-of-max", {}).get("latency", {})
+        seventy_phase = row["phases"].get("70pct-of-max", {})
+        seventy = seventy_phase.get("latency", {})
+        other = seventy_phase.get("meter", {}).get("cpu_percent_of_one_core", {})
         changed = ", ".join(f"{k}={v}" for k, v in row["config"].items()) or "defaults"
         lines.append(
             f"| {changed} | {_f(burst.get('delivered_per_s'))} | "
             f"{_f(burst['worker']['avg_batch'])} "
             f"| {_batches(burst['meter'])} | {_f(seventy.get('p50_ms'))} / "
-            f"{_f(seventy.get('p99_ms'))} | {row['worker_peak_rss_mib']} | {_cpu(burst['meter'])} |"
+            f"{_f(seventy.get('p99_ms'))} | {row['worker_peak_rss_mib']} | "
+            f"{_cpu(burst['meter'])} | {_f(other.get('other processes'), 0)} % |"
         )
     lines.append("")
     return lines
 
 
 def append(path: Path, text: str, results: dict) -> None:
-    block = json.dumps(results, indent=1, sort_keys=True, default=str)
+    block = json.dumps(results, sort_keys=True, separators=(",", ":"), default=str)
     if not path.exists():
         path.write_text(
             "# Benchmark results\n\nAppended by `python -m benchmarks.e2e`; newest "

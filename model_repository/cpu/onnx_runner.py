@@ -22,6 +22,9 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
+        # Busy-waiting intra-op threads steal the CPU the other models and the workers need
+        # (measured: bare ceiling 49.6 -> 64.0 uploads/s on 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             os.path.join(version_dir, params.get("onnx_file", "model.onnx")),
             sess_options=opts,

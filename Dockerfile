@@ -22,7 +22,7 @@ RUN mkdir stream_guard && touch stream_guard/__init__.py \
 COPY stream_guard ./stream_guard
 RUN /opt/stream-guard/bin/pip install --no-deps .
 # The Triton config templates the policy compiler writes head versions from;
-# stream_guard.models.repository looks for them next to the installed package.
+# stream_guard.build.repository looks for them next to the installed package.
 COPY model_repository /opt/stream-guard/lib/python3.11/site-packages/model_repository
 # Byte-compile now: the root filesystem is read-only at run time.
 RUN /opt/stream-guard/bin/python -m compileall -q /opt/stream-guard/lib/python3.11/site-packages

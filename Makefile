@@ -13,7 +13,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
-	$(BIN)/pip install -q -e '.[local,dev,export]'
+	$(BIN)/pip install -q -e '.[local,dev,export,eval]'
 	# rapidocr-onnxruntime (PP-OCR weights for the `ocr` model) requires opencv-python, which would
 	# sit beside nudenet's opencv-python-headless and fight over `cv2`: install it without deps;
 	# its other requirements are in the `local` extra.

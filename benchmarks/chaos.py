@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stream_guard.demo import landscape
-from stream_guard.stack import (
+from stream_guard.dev.demo import landscape
+from stream_guard.dev.stack import (
     ACCESS_KEY,
     SECRET_KEY,
     LocalStack,

@@ -1,6 +1,6 @@
 """The fixed benchmark corpus: N distinct synthetic photos with captions, and upload events.
 
-The images are ``stream_guard.demo.landscape`` with different seeds (640x400 JPEG, ~30 KB);
+The images are ``stream_guard.dev.demo.landscape`` with different seeds (640x400 JPEG, ~30 KB);
 the captions are mostly ordinary, with a few that the default policy flags or escalates, so the
 escalation rate is measured on a realistic-looking mix rather than on all-benign traffic.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from stream_guard.demo import landscape
-from stream_guard.media import preprocess_for_detector
+from stream_guard.dev.demo import landscape
+from stream_guard.media.decode import preprocess_for_detector
 
 CAPTIONS = [
     "Sunset over the hills on our hike today",

@@ -32,9 +32,16 @@ import httpx
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from stream_guard.policy import head_model_name
+from stream_guard.dev.stack import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    LocalStack,
+    Process,
+    s3_client,
+    start_worker,
+)
+from stream_guard.policy.model import head_model_name
 from stream_guard.settings import BatchSettings, MediaSettings, Settings
-from stream_guard.stack import ACCESS_KEY, SECRET_KEY, LocalStack, Process, s3_client, start_worker
 
 from . import procstat, report
 from . import triton_metrics as tmx
@@ -75,7 +82,7 @@ class BenchStack(LocalStack):
         if not self.external_triton:
             super().start()
             return self
-        from stream_guard.stack import start_broker, start_s3
+        from stream_guard.dev.stack import start_broker, start_s3
 
         self.state.mkdir(parents=True, exist_ok=True)
         try:

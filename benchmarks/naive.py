@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from stream_guard.policy import load_policy
+from stream_guard.policy.model import load_policy
 from stream_guard.settings import DEFAULT_POLICY
 
 from .corpus import detector_input

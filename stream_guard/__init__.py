@@ -1,0 +1,3 @@
+"""stream-guard: streaming content moderation on Kafka, S3 and Triton."""
+
+__all__: list[str] = []

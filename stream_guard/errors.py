@@ -9,6 +9,20 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+__all__ = [
+    "ConfigError",
+    "DependencyUnavailable",
+    "ErrorCode",
+    "EventError",
+    "InferenceError",
+    "MediaError",
+    "PermanentError",
+    "PolicyError",
+    "ReasoningError",
+    "StreamGuardError",
+    "TransientError",
+]
+
 
 class ErrorCode(StrEnum):
     """Machine-readable dead-letter codes (stable: downstream tools match on them)."""
@@ -33,7 +47,11 @@ class ErrorCode(StrEnum):
     # policy / tenancy
     POLICY_UNKNOWN_TENANT = "policy.unknown_tenant"  # no policy serves this tenant
     # model output
-    INFERENCE_REJECTED = "inference.rejected"  # Triton refused this one input (bad tensor)
+    INFERENCE_REJECTED = "inference.rejected"  # Triton refused this one input (invalid argument)
+    # outputs
+    OUTPUT_TOO_LARGE = "output.too_large"  # an output would exceed the producer's request limit
+    # anything else: a bug or an answer nobody foresaw; counted, dead-lettered, never a lost record
+    INTERNAL_UNEXPECTED = "internal.unexpected"
     # reasoning
     REASONING_UNDECIDED = "reasoning.undecided"
 
@@ -41,13 +59,9 @@ class ErrorCode(StrEnum):
 class StreamGuardError(Exception):
     """Root of every error raised by stream-guard."""
 
-    transient: bool = False
-
 
 class TransientError(StreamGuardError):
     """A dependency is down or slow: retry with backoff, do not ack, do not dead-letter."""
-
-    transient = True
 
 
 class PermanentError(StreamGuardError):
@@ -66,6 +80,10 @@ class EventError(PermanentError):
 
 class MediaError(PermanentError):
     """An object could not be fetched or decoded into a safe image."""
+
+
+class InferenceError(PermanentError):
+    """Triton refused one input as invalid: retrying the same tensor cannot succeed."""
 
 
 class PolicyError(StreamGuardError):

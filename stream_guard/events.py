@@ -16,6 +16,30 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+__all__ = [
+    "CategoryScore",
+    "ContentForm",
+    "DeadLetter",
+    "Decision",
+    "EVENT_MODELS",
+    "Escalation",
+    "Evidence",
+    "ID_PATTERN",
+    "ImageRef",
+    "MAX_IMAGES",
+    "MAX_TEXT_CHARS",
+    "Mode",
+    "Reasoning",
+    "SCHEMA_VERSION",
+    "SourceRef",
+    "TenantId",
+    "UploadEvent",
+    "UploadId",
+    "UploadText",
+    "Verdict",
+    "json_schemas",
+]
+
 SCHEMA_VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MAX_IMAGES = 16
@@ -154,11 +178,28 @@ class Verdict(_Event):
     model_version: str
     reasoning: Reasoning | None = None
     review_reason: str | None = None
+    text_truncated: bool | None = Field(
+        default=None,
+        description="true when the upload's text was longer than the per-upload scoring budget "
+        "(text.max_segments windows): the rest was not read, and the upload was escalated",
+    )
 
     @staticmethod
     def make_id(upload_id: str, policy_version: str, mode: Mode, final: bool) -> str:
+        """The verdict-id rule: one id per (upload, policy version, mode, final)."""
         raw = f"{upload_id}|{policy_version}|{mode}|{int(final)}".encode()
         return hashlib.sha256(raw).hexdigest()[:32]
+
+    @classmethod
+    def issue(cls, **fields: object) -> Verdict:
+        """The one way verdicts are made: ``verdict_id`` follows from the other fields."""
+        fields["verdict_id"] = cls.make_id(
+            str(fields["upload_id"]),
+            str(fields["policy_version"]),
+            Mode(fields["mode"]),
+            bool(fields["final"]),
+        )
+        return cls.model_validate(fields)
 
 
 class Evidence(_Event):
@@ -196,11 +237,47 @@ class DeadLetter(_Event):
     source: SourceRef | None = None
     original_key_b64: str | None = None
     original_value_b64: str
+    original_size: int | None = Field(
+        default=None, description="bytes of the original value; set when the copy is truncated"
+    )
+    original_sha256: str | None = Field(
+        default=None, description="sha256 of the whole original value; set when truncated"
+    )
+    original_truncated: bool | None = Field(
+        default=None, description="true when original_value_b64 holds only a prefix"
+    )
     failed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @staticmethod
     def encode(raw: bytes | None) -> str | None:
         return None if raw is None else base64.b64encode(raw).decode()
+
+    @classmethod
+    def of(
+        cls, value: bytes, key: bytes | None, *, max_original_bytes: int, **fields: object
+    ) -> DeadLetter:
+        """A dead letter that always fits a Kafka request: the original value is embedded
+        whole up to ``max_original_bytes``, else as a prefix with its size and sha256 (the
+        ``source`` topic/partition/offset says where to re-read the whole of it)."""
+        key = key[:1024] if key is not None else None
+        if len(value) <= max_original_bytes:
+            return cls.model_validate(
+                {
+                    **fields,
+                    "original_key_b64": cls.encode(key),
+                    "original_value_b64": cls.encode(value),
+                }
+            )
+        return cls.model_validate(
+            {
+                **fields,
+                "original_key_b64": cls.encode(key),
+                "original_value_b64": cls.encode(value[:max_original_bytes]),
+                "original_size": len(value),
+                "original_sha256": hashlib.sha256(value).hexdigest(),
+                "original_truncated": True,
+            }
+        )
 
     def original_value(self) -> bytes:
         return base64.b64decode(self.original_value_b64)

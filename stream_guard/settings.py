@@ -13,8 +13,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+__all__ = [
+    "BatchSettings",
+    "DEFAULT_POLICY",
+    "KafkaSettings",
+    "MediaSettings",
+    "PACKAGE_DIR",
+    "PolicySettings",
+    "ReasoningSettings",
+    "RetrySettings",
+    "S3Settings",
+    "Settings",
+    "TelemetrySettings",
+    "TopicSettings",
+    "TritonSettings",
+]
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_POLICY = PACKAGE_DIR / "policies" / "llama_guard_4.yaml"
+DEFAULT_POLICY = PACKAGE_DIR / "policy" / "builtin" / "llama_guard_4.yaml"
 
 
 class _Group(BaseModel):
@@ -75,6 +91,15 @@ class BatchSettings(_Group):
     max_size: int = Field(default=32, ge=1, description="uploads per batch")
     window_s: float = Field(default=0.02, gt=0, description="max wait to fill a batch")
     max_in_flight: int = Field(default=3, ge=1, description="batches being processed at once")
+    stall_after_s: float = Field(
+        default=120.0, gt=0, description="/healthz fails after this long without progress"
+    )
+
+
+class TextSettings(_Group):
+    max_segments: int = Field(
+        default=24, ge=1, description="text windows scored per upload; longer text escalates"
+    )
 
 
 class RetrySettings(_Group):
@@ -131,6 +156,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     triton: TritonSettings = TritonSettings()
     batch: BatchSettings = BatchSettings()
+    text: TextSettings = TextSettings()
     retry: RetrySettings = RetrySettings()
     policy: PolicySettings = PolicySettings()
     media: MediaSettings = MediaSettings()

@@ -24,7 +24,7 @@ STATE = ROOT / ".stream-guard" / "test"
 
 @pytest.fixture(scope="session")
 def stack():
-    from stream_guard.stack import LocalStack
+    from stream_guard.dev.stack import LocalStack
 
     s = LocalStack(state=STATE)
     with s.running():
@@ -76,7 +76,7 @@ def worker_env(stack, topics) -> dict[str, str]:
 @pytest.fixture
 def start_worker(stack) -> Iterator:
     """Factory: start a `stream-guard serve|reason` child process; all are stopped at teardown."""
-    from stream_guard.stack import start_worker as _start
+    from stream_guard.dev.stack import start_worker as _start
 
     started = []
 
@@ -92,7 +92,7 @@ def start_worker(stack) -> Iterator:
 
 @pytest.fixture
 def s3(stack):
-    from stream_guard.stack import s3_client
+    from stream_guard.dev.stack import s3_client
 
     return s3_client(stack.s3_endpoint)
 

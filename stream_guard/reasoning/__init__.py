@@ -6,10 +6,10 @@ back into a ``ReasoningResult``, ``client`` talks to any OpenAI-compatible chat-
 ``server`` starts the local llama.cpp default.
 """
 
-from .cascade import final_verdict
-from .client import ReasoningAnswer, ReasoningClient
-from .parsers import ReasoningResult, json_schema_for
-from .prompts import build_messages
+from stream_guard.reasoning.cascade import final_verdict
+from stream_guard.reasoning.client import ReasoningAnswer, ReasoningClient
+from stream_guard.reasoning.parsers import ReasoningResult, json_schema_for
+from stream_guard.reasoning.prompts import build_messages
 
 __all__ = [
     "ReasoningAnswer",

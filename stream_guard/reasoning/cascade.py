@@ -23,10 +23,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from ..errors import ErrorCode
-from ..events import CategoryScore, Decision, Escalation, Mode, Reasoning, Verdict
-from ..policy import Policy
-from .parsers import ReasoningResult, bounded_rationale
+from stream_guard.errors import ErrorCode
+from stream_guard.events import CategoryScore, Decision, Escalation, Mode, Reasoning, Verdict
+from stream_guard.policy.model import Policy
+from stream_guard.reasoning.parsers import ReasoningResult, bounded_rationale
+
+__all__ = [
+    "MAX_REVIEW_REASON_CHARS",
+    "REVIEW_DISAGREEMENT",
+    "REVIEW_UNAVAILABLE",
+    "REVIEW_UNDECIDED",
+    "Trust",
+    "final_verdict",
+]
 
 Trust = Literal["override", "advisory"]
 
@@ -117,8 +126,7 @@ def final_verdict(
         agreed_with_fast=agreed,
     )
     upload = escalation.upload
-    verdict = Verdict(
-        verdict_id=Verdict.make_id(upload.upload_id, fast.policy_version, Mode.REASONING, True),
+    verdict = Verdict.issue(
         upload_id=upload.upload_id,
         tenant_id=upload.tenant_id,
         decision=decision,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -30,18 +29,36 @@ from typing import Any, Literal, NamedTuple
 import httpx
 from pydantic import SecretStr
 
-from ..errors import DependencyUnavailable, ReasoningError
-from ..events import Escalation
-from ..policy import Policy
-from ..settings import ReasoningSettings
-from .parsers import (
+from stream_guard.errors import DependencyUnavailable, ReasoningError
+from stream_guard.events import Escalation
+from stream_guard.policy.model import Policy
+from stream_guard.reasoning.parsers import (
     RATIONALE_FIRST,
     WANTS_JSON,
     ReasoningResult,
     json_schema_for,
     parse_answer,
 )
-from .prompts import DEFAULT_LIMITS, Message, PromptLimits, answer_spec, build_messages, clip
+from stream_guard.reasoning.prompts import (
+    DEFAULT_LIMITS,
+    Message,
+    PromptLimits,
+    answer_spec,
+    build_messages,
+    clip,
+)
+from stream_guard.retry import backoff_delay
+from stream_guard.settings import ReasoningSettings
+
+__all__ = [
+    "CircuitBreaker",
+    "DEPENDENCY",
+    "ReasoningAnswer",
+    "ReasoningClient",
+    "ResponseFormatStyle",
+    "TokenBucket",
+    "response_format_payload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -338,37 +355,9 @@ class ReasoningClient:
         temperature = self.temperature
         problem = ""
         for attempt in range(1, self.attempts + 1):
-            self.breaker.before_call()
-            try:
-                body = await self._request(conversation, schema, temperature)
-            except _Retryable as e:
-                self.breaker.record_failure()
-                problem = str(e)
-                log.warning(
-                    "reasoning attempt %d/%d for upload %s failed: %s",
-                    attempt,
-                    self.attempts,
-                    upload_id,
-                    problem,
-                )
-                if attempt == self.attempts:
-                    raise DependencyUnavailable(
-                        DEPENDENCY, f"{problem} (after {attempt} attempts)"
-                    ) from e
-                await asyncio.sleep(self._backoff(attempt, e.retry_after))
+            body = await self._attempt(conversation, schema, temperature, attempt, upload_id)
+            if body is None:
                 continue
-            except _Misconfigured as e:
-                self.breaker.record_failure()
-                raise DependencyUnavailable(
-                    DEPENDENCY, f"{e}; check the reasoning base_url, model and api_key"
-                ) from e
-            except _Rejected as e:
-                self.breaker.record_success()
-                raise ReasoningError(f"the reasoning server refused the request: {e}") from e
-            except BaseException:
-                self.breaker.release()
-                raise
-            self.breaker.record_success()
             text = ""
             try:
                 text, logprobs, finish = _answer_of(body)
@@ -415,9 +404,48 @@ class ReasoningClient:
             },
         ]
 
+    async def _attempt(
+        self,
+        conversation: list[Message],
+        schema: dict[str, Any] | None,
+        temperature: float,
+        attempt: int,
+        upload_id: str,
+    ) -> dict[str, Any] | None:
+        """One request through the breaker: the body, or None after a retryable failure
+        (having waited its backoff); raises when no attempt is left or retrying cannot help."""
+        self.breaker.before_call()
+        try:
+            body = await self._request(conversation, schema, temperature)
+        except _Retryable as e:
+            self.breaker.record_failure()
+            log.warning(
+                "reasoning attempt %d/%d for upload %s failed: %s",
+                attempt,
+                self.attempts,
+                upload_id,
+                e,
+            )
+            if attempt == self.attempts:
+                raise DependencyUnavailable(DEPENDENCY, f"{e} (after {attempt} attempts)") from e
+            await asyncio.sleep(self._backoff(attempt, e.retry_after))
+            return None
+        except _Misconfigured as e:
+            self.breaker.record_failure()
+            raise DependencyUnavailable(
+                DEPENDENCY, f"{e}; check the reasoning base_url, model and api_key"
+            ) from e
+        except _Rejected as e:
+            self.breaker.record_success()
+            raise ReasoningError(f"the reasoning server refused the request: {e}") from e
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.record_success()
+        return body
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = min(self.backoff_initial_s * 2 ** (attempt - 1), self.backoff_max_s)
-        delay = delay / 2 + random.uniform(0, delay / 2)  # "equal jitter": spread, never zero
+        delay = backoff_delay(attempt - 1, self.backoff_initial_s, self.backoff_max_s)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay

@@ -18,9 +18,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import ReasoningError
-from ..events import Decision
-from ..policy import Policy
+from stream_guard.errors import ReasoningError
+from stream_guard.events import Decision
+from stream_guard.policy.model import Policy
+
+__all__ = [
+    "JSON_DECISIONS",
+    "MAX_RATIONALE_CHARS",
+    "MAX_RAW_CHARS",
+    "MAX_SCHEMA_CATEGORIES",
+    "NO_RATIONALE",
+    "PARSERS",
+    "Parser",
+    "RATIONALE_FIRST",
+    "ReasoningResult",
+    "WANTS_JSON",
+    "bounded_rationale",
+    "extract_json_object",
+    "json_schema_for",
+    "map_categories",
+    "parse_answer",
+    "parse_json_answer",
+    "parse_llama_guard_4",
+    "parse_safevision",
+    "parse_shieldvlm",
+    "unsafe_probability",
+]
 
 MAX_RATIONALE_CHARS = 600
 MAX_RAW_CHARS = 4000

@@ -30,8 +30,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..events import CategoryScore, ContentForm, Decision, Escalation, UploadText
-from ..policy import Policy
+from stream_guard.events import CategoryScore, ContentForm, Decision, Escalation, UploadText
+from stream_guard.policy.model import Policy
+
+__all__ = [
+    "BUILDERS",
+    "Builder",
+    "DEFAULT_LIMITS",
+    "Message",
+    "PromptFormat",
+    "PromptLimits",
+    "answer_spec",
+    "build_messages",
+    "clip",
+    "evidence_text",
+    "focus_codes",
+    "image_data_url",
+    "llama_guard_4",
+    "policy_json",
+    "safevision",
+    "shieldvlm",
+    "upload_json",
+]
 
 PromptFormat = Literal["llama_guard_4", "safevision", "shieldvlm"]
 Message = dict[str, Any]

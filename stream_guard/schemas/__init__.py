@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..events import json_schemas
+from stream_guard.events import json_schemas
+
+__all__ = [
+    "SCHEMA_DIR",
+    "write_all",
+]
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 

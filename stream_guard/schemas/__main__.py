@@ -1,4 +1,4 @@
-from . import write_all
+from stream_guard.schemas import write_all
 
 for path in write_all():
     print(path)

@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from stream_guard.cli import app
-from stream_guard.policy import load_policy, parse_policy
+from stream_guard.cli.app import app
+from stream_guard.policy.model import load_policy, parse_policy
 from stream_guard.settings import DEFAULT_POLICY
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("torch", reason="the `export` extra (torch, transformers) is not installed")
 
-from stream_guard.models import export as ex  # noqa: E402
-from stream_guard.stack import TritonPorts, free_port, start_triton  # noqa: E402
+from stream_guard.build import export as ex  # noqa: E402
+from stream_guard.dev.stack import TritonPorts, free_port, start_triton  # noqa: E402
 
 pytestmark = pytest.mark.integration
 TOLERANCE = 1e-4

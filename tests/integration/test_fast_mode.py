@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from stream_guard.demo import landscape
+from stream_guard.dev.demo import landscape
 from tests.conftest import publish, read, upload
 
 pytestmark = pytest.mark.integration

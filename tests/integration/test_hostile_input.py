@@ -26,9 +26,9 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
+from stream_guard.dev.stack import SECRET_KEY, Process, s3_client
 from stream_guard.events import ID_PATTERN
 from stream_guard.settings import DEFAULT_POLICY
-from stream_guard.stack import SECRET_KEY, Process, s3_client
 from tests.conftest import STATE, Topics, publish, upload
 from tests.hostile import encode, hostile_corpus, photo
 
@@ -72,7 +72,7 @@ def strict_policy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker(stack, strict_policy) -> Iterator[Worker]:
-    from stream_guard.stack import start_worker
+    from stream_guard.dev.stack import start_worker
 
     tag = uuid.uuid4().hex[:8]
     topics = Topics(

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from stream_guard.ocr import MAX_SIDE, image_text, prepare_for_ocr
 from stream_guard.settings import DEFAULT_POLICY
+from stream_guard.triton import MAX_SIDE, image_text, prepare_for_ocr
 from tests.conftest import publish, read, upload
 
 pytestmark = pytest.mark.integration

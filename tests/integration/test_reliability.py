@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stream_guard.demo import landscape
-from stream_guard.stack import (
+from stream_guard.dev.demo import landscape
+from stream_guard.dev.stack import (
     ACCESS_KEY,
     SECRET_KEY,
     Process,

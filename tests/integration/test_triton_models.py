@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from stream_guard.demo import landscape
-from stream_guard.inference import GuardModels
-from stream_guard.media import decode_image, preprocess_for_detector
+from stream_guard.dev.demo import landscape
+from stream_guard.media.decode import decode_image, preprocess_for_detector
 from stream_guard.settings import TritonSettings
+from stream_guard.triton import GuardModels
 
 pytestmark = pytest.mark.integration
 

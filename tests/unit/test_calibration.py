@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from stream_guard.calibration import apply_to_policy_yaml, calibrate, format_calibration
 from stream_guard.errors import PolicyError
-from stream_guard.policy import parse_policy
+from stream_guard.policy.model import parse_policy
+from stream_guard.quality.calibration import apply_to_policy_yaml, calibrate, format_calibration
 
 SCORES_1 = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
 LABELS_1 = [1, 1, 0, 1, 0, 1, 0, 0, 0, 0]

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from stream_guard.evaluation import (
+from stream_guard.events import Decision
+from stream_guard.policy.model import parse_policy
+from stream_guard.quality.metrics import (
     EvalReport,
     average_precision,
     evaluate,
@@ -18,8 +20,6 @@ from stream_guard.evaluation import (
     roc_auc,
     write_plots,
 )
-from stream_guard.events import Decision
-from stream_guard.policy import parse_policy
 
 CODES = ["hate", "sexual", "violence"]
 # row: (true labels, flagged, scores)

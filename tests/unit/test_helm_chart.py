@@ -728,7 +728,7 @@ def test_misconfigurations_fail_the_render_with_a_fix(helm, chart, values, messa
 
 
 def test_default_policy_configmap_holds_the_package_default_policy(chart):
-    from stream_guard.policy import parse_policy
+    from stream_guard.policy.model import parse_policy
 
     docs = render(chart)
     cm = one(docs, "ConfigMap", f"{FULLNAME}-policies")
@@ -750,7 +750,7 @@ def test_default_policy_configmap_holds_the_package_default_policy(chart):
 
 
 def test_tenant_policies_from_values_are_mounted_and_parse(chart):
-    from stream_guard.policy import parse_policy
+    from stream_guard.policy.model import parse_policy
 
     docs = render(chart, PRODUCTION)
     cm = one(docs, "ConfigMap", f"{FULLNAME}-policies")
@@ -788,7 +788,7 @@ def test_policy_change_rolls_the_workers_only_when_asked(chart):
 def test_alerts_use_metrics_the_workers_export(chart):
     from prometheus_client import REGISTRY
 
-    import stream_guard.telemetry  # noqa: F401  (registers the collectors)
+    import stream_guard.observability  # noqa: F401  (registers the collectors)
 
     exported = set()
     for family in REGISTRY.collect():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stream_guard.errors import StreamGuardError
-from stream_guard.manifest import (
+from stream_guard.quality.manifest import (
     ManifestError,
     ManifestRow,
     label_matrix,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
 from stream_guard.errors import ErrorCode, MediaError
-from stream_guard.media import (
+from stream_guard.media.decode import (
     DecodedImage,
     ImageLimits,
     decode_image,

@@ -10,7 +10,7 @@ import yaml
 
 from stream_guard.errors import PolicyError
 from stream_guard.events import Decision
-from stream_guard.policy import (
+from stream_guard.policy.model import (
     IMAGE_SIGNALS,
     Category,
     Policy,
@@ -21,7 +21,7 @@ from stream_guard.policy import (
 )
 
 ALLOW, ESCALATE, BLOCK = Decision.ALLOW, Decision.ESCALATE, Decision.BLOCK
-POLICY_DIR = Path(__file__).resolve().parents[2] / "stream_guard" / "policies"
+POLICY_DIR = Path(__file__).resolve().parents[2] / "stream_guard" / "policy" / "builtin"
 SHIPPED = sorted(POLICY_DIR.glob("*.yaml"))
 SEXUAL_SIGNALS = {
     "FEMALE_GENITALIA_EXPOSED",
@@ -44,12 +44,18 @@ categories:
 
 def _policy(*codes: str, allow: float = 0.35, block: float = 0.8, **overrides) -> Policy:
     cats = [
-        Category(code=c, name=c.upper(), definition=f"definition of {c}", examples=[f"{c} text"],
-                 thresholds=overrides.get(c))
+        Category(
+            code=c,
+            name=c.upper(),
+            definition=f"definition of {c}",
+            examples=[f"{c} text"],
+            thresholds=overrides.get(c),
+        )
         for c in codes
     ]
-    return Policy(policy_id="t", version="1", thresholds=Thresholds(allow=allow, block=block),
-                  categories=cats)
+    return Policy(
+        policy_id="t", version="1", thresholds=Thresholds(allow=allow, block=block), categories=cats
+    )
 
 
 # -- the shipped policies ------------------------------------------------------------------
@@ -78,8 +84,15 @@ def test_llama_guard_4_policy_has_the_fourteen_hazard_categories_in_order():
 def test_safevision_policy_has_the_nine_unsafe_visionharm_t_categories():
     policy = load_policy(POLICY_DIR / "safevision_visionharm_t.yaml")
     assert policy.codes == [
-        "hate", "violence", "sexual", "crime", "weapons_substance_abuse", "self_harm",
-        "animal_cruelty", "disasters_emergencies", "political",
+        "hate",
+        "violence",
+        "sexual",
+        "crime",
+        "weapons_substance_abuse",
+        "self_harm",
+        "animal_cruelty",
+        "disasters_emergencies",
+        "political",
     ]
     assert "safe" not in policy.codes  # "Safe" is the absence of flags: safe_examples
 
@@ -131,7 +144,7 @@ def test_per_category_threshold_overrides_are_explained_in_a_comment(path):
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if re.match(r"^\s{4}thresholds:", line):
-            above = "\n".join(lines[max(0, i - 6):i])
+            above = "\n".join(lines[max(0, i - 6) : i])
             assert "#" in above, f"{path.name}:{i + 1}: a threshold override needs a reason"
 
 
@@ -231,14 +244,22 @@ SECOND_A = """\
     "text, fragments",
     [
         (MINIMAL + SECOND_A, ["duplicate category codes", "'a'"]),
-        (MINIMAL.replace('"1"\n', '"1"\nthresholds: {allow: 0.9, block: 0.5}\n'),
-         ["thresholds", "allow (0.9) must not exceed block (0.5)"]),
-        (MINIMAL + "    thresholds: {allow: 0.6, block: 0.2}\n",
-         ["categories.0.thresholds", "must not exceed"]),
-        (MINIMAL.replace('"1"\n', '"1"\nthresholds: {allow: 0.2, block: 1.5}\n'),
-         ["thresholds.block", "less than or equal to 1"]),
-        (MINIMAL + "    image_signals: [GUN_VISIBLE]\n",
-         ["categories.0.image_signals", "unknown image signals ['GUN_VISIBLE']"]),
+        (
+            MINIMAL.replace('"1"\n', '"1"\nthresholds: {allow: 0.9, block: 0.5}\n'),
+            ["thresholds", "allow (0.9) must not exceed block (0.5)"],
+        ),
+        (
+            MINIMAL + "    thresholds: {allow: 0.6, block: 0.2}\n",
+            ["categories.0.thresholds", "must not exceed"],
+        ),
+        (
+            MINIMAL.replace('"1"\n', '"1"\nthresholds: {allow: 0.2, block: 1.5}\n'),
+            ["thresholds.block", "less than or equal to 1"],
+        ),
+        (
+            MINIMAL + "    image_signals: [GUN_VISIBLE]\n",
+            ["categories.0.image_signals", "unknown image signals ['GUN_VISIBLE']"],
+        ),
         (MINIMAL.replace('["x"]', '["x", "   "]'), ["categories.0.examples", "blank"]),
         (MINIMAL + '    negative_examples: [""]\n', ["categories.0.negative_examples", "blank"]),
         (MINIMAL + '    keywords: [" "]\n', ["categories.0.keywords", "blank"]),
@@ -256,11 +277,26 @@ SECOND_A = """\
         ("", ["a policy is a YAML mapping"]),
     ],
     ids=[
-        "duplicate-codes", "allow-above-block", "category-allow-above-block", "threshold-above-1",
-        "unknown-image-signal", "blank-example", "blank-negative", "blank-keyword",
-        "no-examples", "missing-categories", "empty-categories", "bad-policy-id",
-        "missing-policy-id", "bad-code", "unquoted-numeric-version", "unknown-field",
-        "not-yaml", "yaml-list", "yaml-scalar", "empty-file",
+        "duplicate-codes",
+        "allow-above-block",
+        "category-allow-above-block",
+        "threshold-above-1",
+        "unknown-image-signal",
+        "blank-example",
+        "blank-negative",
+        "blank-keyword",
+        "no-examples",
+        "missing-categories",
+        "empty-categories",
+        "bad-policy-id",
+        "missing-policy-id",
+        "bad-code",
+        "unquoted-numeric-version",
+        "unknown-field",
+        "not-yaml",
+        "yaml-list",
+        "yaml-scalar",
+        "empty-file",
     ],
 )
 def test_invalid_policy_is_rejected_with_a_message_naming_the_problem(text, fragments):
@@ -336,8 +372,10 @@ def test_image_signals_are_the_detector_classes_without_duplicates():
 
 @pytest.mark.parametrize(
     "prefix, policy_id, name",
-    [("guard_head", "llama_guard_4", "guard_head_llama_guard_4"),
-     ("guard_head", "safevision_visionharm_t", "guard_head_safevision_visionharm_t")],
+    [
+        ("guard_head", "llama_guard_4", "guard_head_llama_guard_4"),
+        ("guard_head", "safevision_visionharm_t", "guard_head_safevision_visionharm_t"),
+    ],
 )
 def test_head_model_name_is_prefix_and_policy_id(prefix, policy_id, name):
     assert head_model_name(prefix, policy_id) == name

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stream_guard.manifest import parse_manifest
-from stream_guard.policy import IMAGE_SIGNALS, parse_policy
-from stream_guard.quality import (
+from stream_guard.policy.model import IMAGE_SIGNALS, parse_policy
+from stream_guard.quality.compare import (
     SYSTEMS,
     LabelledTexts,
     NearestPrototype,
@@ -29,6 +28,7 @@ from stream_guard.quality import (
     summarise,
     tpr_at_fpr,
 )
+from stream_guard.quality.manifest import parse_manifest
 
 POLICY = """
 policy_id: toy
@@ -177,7 +177,7 @@ def test_compare_runs_every_system_on_every_set(policy):
 
 
 def test_eval_baselines_refuses_a_train_split_that_overlaps_the_sets(tmp_path):
-    from stream_guard.cli import app
+    from stream_guard.cli.app import app
 
     row = '{"text": "i will hurt you", "labels": ["threat"]}\n'
     (tmp_path / "policy.yaml").write_text(POLICY)

@@ -16,7 +16,7 @@ from stream_guard.events import (
     UploadText,
     Verdict,
 )
-from stream_guard.policy import Policy, parse_policy
+from stream_guard.policy.model import Policy, parse_policy
 
 POLICY_YAML = """
 policy_id: test_guard

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from stream_guard.events import Decision, Mode, Verdict
-from stream_guard.policy import Policy
+from stream_guard.policy.model import Policy
 from stream_guard.reasoning.cascade import final_verdict
 from stream_guard.reasoning.parsers import ReasoningResult
 

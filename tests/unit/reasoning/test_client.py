@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from stream_guard.errors import DependencyUnavailable, ReasoningError
 from stream_guard.events import Decision, UploadText
-from stream_guard.policy import Policy
+from stream_guard.policy.model import Policy
 from stream_guard.reasoning.client import CircuitBreaker, ReasoningClient, TokenBucket
 from stream_guard.settings import ReasoningSettings
 

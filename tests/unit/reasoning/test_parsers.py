@@ -7,7 +7,7 @@ import pytest
 
 from stream_guard.errors import ReasoningError
 from stream_guard.events import Decision
-from stream_guard.policy import Policy
+from stream_guard.policy.model import Policy
 from stream_guard.reasoning.parsers import (
     MAX_RATIONALE_CHARS,
     ReasoningResult,

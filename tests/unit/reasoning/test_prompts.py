@@ -5,7 +5,7 @@ import json
 import pytest
 
 from stream_guard.events import UploadText
-from stream_guard.policy import Policy, parse_policy
+from stream_guard.policy.model import Policy, parse_policy
 from stream_guard.reasoning.prompts import (
     BUILDERS,
     PromptLimits,

@@ -1,0 +1,136 @@
+"""Guard quality of the default policy before and after its labelled pack (docs/quality.md).
+
+    python -m benchmarks.quality_packs [--davidson N]
+
+Compiles the shipped Llama Guard 4 policy twice with the embedded MiniLM text tower (the same
+ONNX model Triton serves, run here by onnxruntime): from the policy alone ("before") and with
+its pack ("after": train split fitted, calib split calibrated). Both are scored on the pack's
+held-out split, which no head sees, and on held-out tweets from ../shared/datasets/davidson
+(hate vs neither, S10). Texts are scored whole-text as the worker does (windows + normalised
+forms, maximum per category). Prints markdown tables and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stream_guard.build.text_encoder import TextEmbedder, default_minilm_dir
+from stream_guard.events import UploadText
+from stream_guard.policy.compiler import compile_head
+from stream_guard.policy.model import IMAGE_SIGNALS, load_policy
+from stream_guard.policy.packs import load_pack
+from stream_guard.quality.compare import run_head
+from stream_guard.quality.metrics import average_precision, roc_auc
+from stream_guard.settings import DEFAULT_POLICY
+from stream_guard.text import segments
+
+DAVIDSON = (
+    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "davidson" / "labeled_data.csv"
+)
+
+
+def whole_text_scores(head: bytes, embed, texts: list[str]) -> np.ndarray:
+    segs = [segments(UploadText(caption=t[:20_000])).texts or [t] for t in texts]
+    flat = [s for ss in segs for s in ss]
+    scores = run_head(head, embed(flat), len(IMAGE_SIGNALS))
+    out, start = [], 0
+    for ss in segs:
+        out.append(scores[start : start + len(ss)].max(axis=0))
+        start += len(ss)
+    return np.stack(out)
+
+
+def report(name: str, policy, scores: np.ndarray, labels: np.ndarray) -> list[str]:
+    codes = policy.codes
+    lines = [
+        f"\n### {name}\n",
+        "| category | n+ | AUPRC | block precision | block recall | escalated (neg) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c, cat in enumerate(policy.categories):
+        y = labels[:, c]
+        if y.sum() == 0:
+            continue
+        t = policy.thresholds_for(cat)
+        blocked = scores[:, c] >= t.block
+        esc = (scores[:, c] >= t.allow) & ~blocked
+        prec = (blocked & y).sum() / max(blocked.sum(), 1)
+        rec = (blocked & y).sum() / y.sum()
+        lines.append(
+            f"| {cat.code} | {int(y.sum())} | {average_precision(y, scores[:, c]):.3f} | {prec:.2f} | {rec:.2f} | "
+            f"{esc[~y].mean():.1%} |"
+        )
+    any_y = labels.any(axis=1)
+    top = scores.max(axis=1)
+    decisions = [policy.decide(dict(zip(codes, s.tolist(), strict=True)))[0] for s in scores]
+    escalated = np.array([d == "escalate" for d in decisions])
+    flagged = np.array([d != "allow" for d in decisions])
+    lines.append(
+        f"\nany-unsafe AUPRC {average_precision(any_y, top):.3f}, AUROC {roc_auc(any_y, top):.3f}; "
+        f"at shipped thresholds: escalated {escalated.mean():.1%} (safe rows {escalated[~any_y].mean():.1%}), "
+        f"safe rows flagged {flagged[~any_y].mean():.1%}, unsafe rows flagged {flagged[any_y].mean():.1%}"
+    )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--davidson", type=int, default=1500, help="held-out tweets (0: skip)")
+    args = ap.parse_args()
+    started = time.time()
+    policy = load_policy(DEFAULT_POLICY)
+    pack = load_pack(Path(policy.pack), policy.codes)
+    embedder = TextEmbedder.from_model_dir(default_minilm_dir())
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            for t, v in zip(missing, embedder.embed(missing), strict=True):
+                cache[t] = v
+        return np.stack([cache[t] for t in texts])
+
+    heads = {
+        "before (policy only)": compile_head(policy, embed, use_pack=False).to_bytes(),
+        "after (policy + pack)": compile_head(policy, embed).to_bytes(),
+    }
+    held = pack.split("heldout")
+    texts = [r.text for r in held]
+    labels = np.array([[c in r.labels for c in policy.codes] for r in held])
+    out = [
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}",
+        f"Pack held-out split: {len(held)} rows ({int(labels.any(axis=1).sum())} unsafe)",
+    ]
+    tweets = []
+    if args.davidson and DAVIDSON.exists():
+        with DAVIDSON.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["class"] in ("0", "2")]
+        random.Random(20261201).shuffle(rows)
+        tweets = rows[: args.davidson]
+    for name, head in heads.items():
+        out += report(
+            f"{name}: pack held-out", policy, whole_text_scores(head, embed, texts), labels
+        )
+        if tweets:
+            s = whole_text_scores(head, embed, [r["tweet"] for r in tweets])[
+                :, policy.codes.index("S10")
+            ]
+            y = np.array([r["class"] == "0" for r in tweets])
+            out.append(
+                f"\nDavidson tweets ({len(tweets)}, hate {int(y.sum())}): S10 AUROC {roc_auc(y, s):.3f}, "
+                f"AUPRC {average_precision(y, s):.3f}, recall at block {np.mean(s[y] >= 0.8):.2f}, "
+                f"neither flagged {np.mean(s[~y] >= 0.35):.1%}"
+            )
+    out.append(f"\n({time.time() - started:.0f} s)")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

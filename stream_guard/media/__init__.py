@@ -1,0 +1,3 @@
+"""Media: S3 fetch, hardened image decoding and model preprocessing."""
+
+__all__: list[str] = []

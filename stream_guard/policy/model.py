@@ -1,0 +1,206 @@
+"""Policies: unsafe categories, their definitions and examples, and the score thresholds.
+
+A policy is configuration (YAML). Changing it recompiles the classification head; it never
+retrains the encoder. This module is pure: parsing, validation and the allow / escalate / block
+decision, with no I/O beyond reading the file it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stream_guard.errors import PolicyError
+from stream_guard.events import CategoryScore, Decision
+
+__all__ = [
+    "CODE_PATTERN",
+    "Category",
+    "IMAGE_SIGNALS",
+    "Policy",
+    "Thresholds",
+    "head_model_name",
+    "load_policy",
+    "parse_policy",
+]
+
+CODE_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
+
+# Classes of the NudeNet 320n detector, in its output order: the image signals a category may use.
+IMAGE_SIGNALS: tuple[str, ...] = (
+    "FEMALE_GENITALIA_COVERED",
+    "FACE_FEMALE",
+    "BUTTOCKS_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_BREAST_EXPOSED",
+    "ANUS_EXPOSED",
+    "FEET_EXPOSED",
+    "BELLY_COVERED",
+    "FEET_COVERED",
+    "ARMPITS_COVERED",
+    "ARMPITS_EXPOSED",
+    "FACE_MALE",
+    "BELLY_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "ANUS_COVERED",
+    "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Thresholds(_Strict):
+    """score < allow -> allow; allow <= score < block -> escalate; score >= block -> block."""
+
+    allow: float = Field(ge=0.0, le=1.0)
+    block: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if self.allow > self.block:
+            raise ValueError(f"allow ({self.allow}) must not exceed block ({self.block})")
+        return self
+
+    def decide(self, score: float) -> Decision:
+        if score >= self.block:
+            return Decision.BLOCK
+        if score >= self.allow:
+            return Decision.ESCALATE
+        return Decision.ALLOW
+
+
+class Category(_Strict):
+    code: str = Field(pattern=CODE_PATTERN)
+    name: str = Field(min_length=1, max_length=80)
+    definition: str = Field(min_length=10, max_length=4000)
+    examples: list[str] = Field(min_length=1, description="text that violates this category")
+    negative_examples: list[str] = Field(
+        default_factory=list, description="near misses that do NOT violate it (hard negatives)"
+    )
+    keywords: list[str] = Field(
+        default_factory=list, description="explicit terms (lexical evidence beside the embedding)"
+    )
+    image_signals: list[str] = Field(
+        default_factory=list, description="detector classes that evidence this category"
+    )
+    thresholds: Thresholds | None = None
+
+    @field_validator("examples", "negative_examples", "keywords")
+    @classmethod
+    def _non_blank(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("examples and keywords must not be blank")
+        return v
+
+    @field_validator("image_signals")
+    @classmethod
+    def _known_signals(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(IMAGE_SIGNALS))
+        if unknown:
+            raise ValueError(f"unknown image signals {unknown}; known: {list(IMAGE_SIGNALS)}")
+        return v
+
+
+class Policy(_Strict):
+    policy_id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")
+    version: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    thresholds: Thresholds = Thresholds(allow=0.4, block=0.8)
+    ocr: bool = Field(default=False, description="add text read from images to the upload text")
+    safe_examples: list[str] = Field(
+        default_factory=list, description="benign text every category is contrasted with"
+    )
+    categories: list[Category] = Field(min_length=1)
+    pack: str | None = Field(
+        default=None,
+        description="labelled examples the compiler trains and calibrates on: "
+        "builtin:<name> or a directory (relative to the policy file)",
+    )
+    digest: str = ""
+
+    @model_validator(mode="after")
+    def _unique_codes(self) -> Policy:
+        codes = [c.code for c in self.categories]
+        dupes = sorted({c for c in codes if codes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate category codes: {dupes}")
+        return self
+
+    @property
+    def codes(self) -> list[str]:
+        return [c.code for c in self.categories]
+
+    @property
+    def effective_version(self) -> str:
+        """Declared version plus a content digest: an edit without a bump still changes it."""
+        return f"{self.version}+{self.digest[:8]}" if self.digest else self.version
+
+    def thresholds_for(self, category: Category) -> Thresholds:
+        return category.thresholds or self.thresholds
+
+    def decide(self, scores: Mapping[str, float]) -> tuple[Decision, list[CategoryScore]]:
+        """Per-category decisions and the upload's decision: any block, else any escalate."""
+        per_category = []
+        for cat in self.categories:
+            score = round(min(max(float(scores[cat.code]), 0.0), 1.0), 4)
+            decision = self.thresholds_for(cat).decide(score)
+            per_category.append(
+                CategoryScore(code=cat.code, name=cat.name, score=score, decision=decision)
+            )
+        decisions = {c.decision for c in per_category}
+        for overall in (Decision.BLOCK, Decision.ESCALATE):
+            if overall in decisions:
+                return overall, per_category
+        return Decision.ALLOW, per_category
+
+
+def parse_policy(text: str, *, source: str = "<string>", base: Path | None = None) -> Policy:
+    """Parse and validate policy YAML; a bad policy raises PolicyError saying what to fix."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise PolicyError(
+            f"{source}: a policy is a YAML mapping with policy_id, version, categories"
+        )
+    data["digest"] = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise PolicyError(f"{source}: invalid policy: {problems}") from e
+    if policy.pack is None:
+        return policy
+    from stream_guard.policy.packs import pack_digest, pack_dir
+
+    directory = pack_dir(policy.pack, base)
+    if not directory.is_dir():
+        raise PolicyError(f"{source}: pack {policy.pack!r} is not a directory ({directory})")
+    # The pack is part of what the head is compiled from: its content is in the version too.
+    digest = hashlib.sha256((data["digest"] + pack_digest(directory)).encode()).hexdigest()
+    return policy.model_copy(update={"pack": str(directory), "digest": digest})
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"cannot read policy file {path}: {e}") from e
+    return parse_policy(text, source=str(path), base=Path(path).resolve().parent)
+
+
+def head_model_name(prefix: str, policy_id: str) -> str:
+    """Triton model name of the head compiled from a policy."""
+    return f"{prefix}_{re.sub(r'[^a-z0-9_]', '_', policy_id)}"

@@ -1,0 +1,50 @@
+"""Which compiled head serves which tenant, swapped atomically on a policy reload.
+
+A tenant's policy comes only from configuration (``policy.tenants``), never from the event, so
+one tenant's upload can never be judged by another tenant's policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stream_guard.policy.model import Policy
+
+__all__ = [
+    "ActiveHead",
+    "PolicyRegistry",
+]
+
+
+@dataclass(frozen=True)
+class ActiveHead:
+    policy: Policy
+    model_name: str
+    version: int
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.model_name}:{self.version}"
+
+
+class PolicyRegistry:
+    def __init__(self, default: ActiveHead, tenants: dict[str, ActiveHead] | None = None) -> None:
+        self._default = default
+        self._tenants = dict(tenants or {})
+
+    def for_tenant(self, tenant_id: str) -> ActiveHead:
+        return self._tenants.get(tenant_id, self._default)
+
+    def replace(self, policy_id: str, head: ActiveHead) -> None:
+        """Point every tenant served by ``policy_id`` at ``head`` (a newer version)."""
+        if self._default.policy.policy_id == policy_id:
+            self._default = head
+        for tenant, current in self._tenants.items():
+            if current.policy.policy_id == policy_id:
+                self._tenants[tenant] = head
+
+    def heads(self) -> list[ActiveHead]:
+        seen: dict[str, ActiveHead] = {}
+        for head in [self._default, *self._tenants.values()]:
+            seen.setdefault(head.policy.policy_id, head)
+        return list(seen.values())

@@ -1,0 +1,3 @@
+"""Guard quality on labelled data: manifests, scoring, metrics, calibration, baselines."""
+
+__all__: list[str] = []

@@ -147,6 +147,7 @@ class InOrderAcks:
         self.stream = stream
         self._order: dict[tuple[str, int], deque[int]] = {}
         self._done: dict[tuple[str, int], dict[int, Any]] = {}
+        self._changed = asyncio.Condition()
 
     def received(self, events: Sequence[Any]) -> None:
         for e in events:
@@ -169,9 +170,23 @@ class InOrderAcks:
             order, done = self._order.get(tp, deque()), self._done.get(tp, {})
             while order and order[0] in done:
                 await self.stream.ack(done.pop(order.popleft()))
+        await self.wake()
+
+    async def wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_below(self, limit: int, give_up: Callable[[], bool] = lambda: False) -> None:
+        """Wait until at most ``limit`` received events are unacked (or ``give_up()``)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.pending() <= limit or give_up())
 
     def pending(self) -> int:
         return sum(len(o) for o in self._order.values())
+
+    def first_pending(self, topic: str, partition: int) -> int | None:
+        order = self._order.get((topic, partition))
+        return order[0] if order else None
 
 
 # -- health ---------------------------------------------------------------------------------
@@ -179,8 +194,10 @@ class InOrderAcks:
 
 @dataclass
 class Health:
-    """What the probes report. ``live`` fails when work is waiting (``waiting()`` true) and no
-    batch has finished for ``stall_after_s``: Kubernetes then restarts a wedged worker."""
+    """What the probes report. ``live`` fails when work is waiting (``waiting()`` true), no
+    batch has finished for ``stall_after_s`` and no dependency is known to be down: Kubernetes
+    then restarts a wedged worker. A worker waiting out a dependency's outage stays live (and
+    unready): restarting it would not bring the dependency back."""
 
     stall_after_s: float
     waiting: Callable[[], bool] = lambda: False
@@ -195,7 +212,7 @@ class Health:
         return time.monotonic() - self.last_progress if self.waiting() else 0.0
 
     def live(self) -> bool:
-        return self.stalled_for() < self.stall_after_s
+        return bool(self.failing) or self.stalled_for() < self.stall_after_s
 
     def is_ready(self) -> bool:
         return self.ready and not self.failing and self.live()

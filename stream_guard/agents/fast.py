@@ -27,6 +27,7 @@ from stream_guard.media.storage import ObjectStore
 from stream_guard.pipeline.decide import dead_letter, unexpected
 from stream_guard.pipeline.moderator import Moderator
 from stream_guard.pipeline.records import Record, Result
+from stream_guard.pipeline.shadow import ShadowScorer  # shadow policy hook (issue 16)
 from stream_guard.policy.live import LivePolicies
 from stream_guard.retry import backoff_delays
 from stream_guard.settings import Settings
@@ -52,6 +53,7 @@ class FastWorker:
                 "escalations": topics.escalations,
                 "dlq": topics.dlq,
                 "review": topics.review,
+                "shadow": topics.shadow_verdicts,  # shadow policy hook (issue 16)
             },
             settings.retry,
             self.health,
@@ -61,9 +63,11 @@ class FastWorker:
         self.store: ObjectStore | None = None
         self.moderator: Moderator | None = None
         self.policies: LivePolicies | None = None
+        self.shadow: ShadowScorer | None = None  # shadow policy hook (issue 16)
         self.acks: InOrderAcks | None = None
         self._started = asyncio.Event()
         self.in_flight = asyncio.Semaphore(settings.batch.max_in_flight)
+        self.max_unacked = settings.batch.max_size * settings.batch.max_in_flight * 20
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
         self._register()
@@ -89,11 +93,16 @@ class FastWorker:
         self.policies = LivePolicies(s, self.models)
         await self.policies.start()
         self.moderator = Moderator(s, self.models, self.store, self.policies.registry)
+        if ShadowScorer.wanted(s):  # shadow policy hook (issue 16): scored beside, never acting
+            self.shadow = ShadowScorer(s, self.models, self.store, self.publisher.publish)
+            self.shadow.start()
         self._started.set()
 
     async def drain(self) -> None:
         """SIGTERM: let in-flight batches publish and ack within the grace period."""
         self.stopping = True
+        if self.acks is not None:
+            await self.acks.wake()  # the agent loop stops waiting for acks to drain
         if self.tasks:
             log.info("draining %d in-flight batches", len(self.tasks))
             # Keep 3 s of the grace period for committing offsets, leaving the group and
@@ -108,6 +117,8 @@ class FastWorker:
         await self._close()
 
     async def _close(self) -> None:
+        if self.shadow is not None:  # shadow policy hook (issue 16)
+            await self.shadow.close()
         if self.moderator is not None:
             self.moderator.close()
         if self.models is not None:
@@ -126,6 +137,9 @@ class FastWorker:
             async for events in stream.noack_take(batch_cfg.max_size, within=batch_cfg.window_s):
                 events = list(events)
                 acks.received(events)
+                # Finished events wait for an earlier one still retrying: bound how many
+                # (memory, and the redo after a crash) by not taking more meanwhile.
+                await acks.wait_below(worker.max_unacked, give_up=lambda: worker.stopping)
                 await worker.in_flight.acquire()
                 if worker.stopping:  # draining: leave the batch unacked for the next owner
                     worker.in_flight.release()
@@ -184,6 +198,8 @@ class FastWorker:
             await self.acks.finish(events)
             self.health.progressed()
             self._observe(results, events)
+            if self.shadow is not None:  # shadow policy hook (issue 16): after the acks
+                self.shadow.submit(records, results)
         finally:
             obs.IN_FLIGHT.dec()
             obs.UNACKED.set(self.acks.pending() if self.acks else 0)
@@ -301,7 +317,8 @@ class FastWorker:
                 if tp.topic != self.uploads.get_topic_name():
                     continue
                 high = consumer.highwater(tp)
-                done = committed_offsets.get(tp)
+                first = self.acks.first_pending(tp.topic, tp.partition) if self.acks else None
+                done = first if first is not None else committed_offsets.get(tp)
                 if done is None:
                     done = await consumer.position(tp)
                 if high is not None and done is not None:

@@ -8,6 +8,8 @@ connection failures, throttling and 5xx are transient (retry, never dead-letter)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ from stream_guard.events import ImageRef
 from stream_guard.settings import S3Settings
 
 __all__ = [
+    "BUCKET_MISSING",
+    "ByteBudget",
     "DENIED",
     "FetchedObject",
     "NOT_FOUND",
@@ -27,7 +31,11 @@ __all__ = [
     "check_allowed",
 ]
 
-NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+# A missing key is the upload's problem (permanent). A missing *bucket* that is on the
+# allow-list is the platform's: an endpoint that came back empty, or a bucket being re-created;
+# waiting is right, dead-lettering every upload of the outage is not (transient).
+NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+BUCKET_MISSING = {"NoSuchBucket"}
 DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidObjectState"}
 
 
@@ -52,10 +60,34 @@ def check_allowed(ref: ImageRef, allowed_buckets: list[str]) -> None:
         )
 
 
+class ByteBudget:
+    """An async semaphore counted in bytes: ``reserve(n)`` waits until ``n`` more bytes fit
+    under the cap (a reservation larger than the cap waits for an empty budget, so it still
+    runs, alone)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, n: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.cap)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= n
+                self._changed.notify_all()
+
+
 class ObjectStore:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self._pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="s3")
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.endpoint_url,
@@ -97,6 +129,8 @@ class ObjectStore:
                 raise MediaError(
                     ErrorCode.MEDIA_NOT_FOUND, f"{ref.uri} does not exist", stage="fetch"
                 ) from e
+            if code in BUCKET_MISSING:
+                raise DependencyUnavailable("s3", f"bucket {ref.bucket!r} does not exist") from e
             if code in DENIED:
                 raise MediaError(
                     ErrorCode.MEDIA_ACCESS_DENIED, f"access to {ref.uri} denied", stage="fetch"
@@ -115,12 +149,15 @@ class ObjectStore:
     async def fetch(self, ref: ImageRef) -> FetchedObject:
         check_allowed(ref, self.settings.allowed_buckets)
         loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._pool, self._get, ref), self.settings.timeout_s * 3
-            )
-        except TimeoutError as e:
-            raise DependencyUnavailable("s3", f"timed out fetching {ref.uri}") from e
+        # The deadline covers the request only: a fetch waits for a free connection first, so
+        # time queued behind other fetches never counts against it.
+        async with self._slots:
+            try:
+                return await asyncio.wait_for(
+                    loop.run_in_executor(self._pool, self._get, ref), self.settings.timeout_s * 3
+                )
+            except TimeoutError as e:
+                raise DependencyUnavailable("s3", f"timed out fetching {ref.uri}") from e
 
     def ping(self) -> bool:
         """Readiness: can we reach the first allowed bucket?"""

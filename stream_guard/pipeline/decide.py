@@ -6,6 +6,7 @@ No I/O and no clocks beyond the dead letter's timestamp: table-tested in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -71,8 +72,19 @@ def dead_letter(
         _clean(str(error), 500),
         extra={"where": record.where, "upload_id": upload_id, "error_code": str(error.code)},
     )
-    out = Output("dlq", record.key, letter.to_bytes(), headers or trace_headers(record))
+    out = Output("dlq", _dlq_key(record.key), letter.to_bytes(), headers or trace_headers(record))
     return Result(record, "dlq", [out], upload_id, str(error.code))
+
+
+MAX_KEY_BYTES = 1024
+
+
+def _dlq_key(key: bytes | None) -> bytes | None:
+    """The dead letter's Kafka key: the original when small, else its digest (a key is never
+    the reason a dead letter cannot be written)."""
+    if key is None or len(key) <= MAX_KEY_BYTES:
+        return key
+    return b"sha256:" + hashlib.sha256(key).hexdigest().encode()
 
 
 def unexpected(record: Record, exc: BaseException, stage: str) -> Result:
@@ -94,10 +106,17 @@ def parse_upload(record: Record, max_bytes: int) -> UploadEvent:
         )
     try:
         data = json.loads(record.value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EventError(ErrorCode.EVENT_MALFORMED, f"not JSON: {e}", stage="parse") from e
     except RecursionError as e:  # json raises this, not JSONDecodeError, on deep nesting
         raise EventError(ErrorCode.EVENT_MALFORMED, "JSON nested too deeply", stage="parse") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers over the
+        # interpreter's digit limit (a plain ValueError)
+        raise EventError(
+            ErrorCode.EVENT_MALFORMED, f"not JSON: {str(e)[:300]}", stage="parse"
+        ) from e
+    if _has_lone_surrogate(data):
+        raise EventError(
+            ErrorCode.EVENT_MALFORMED, "text is not valid Unicode (lone surrogate)", stage="parse"
+        )
     if isinstance(data, dict) and isinstance(data.get("schema_version"), int):
         if data["schema_version"] > 1:
             raise EventError(
@@ -115,13 +134,27 @@ def parse_upload(record: Record, max_bytes: int) -> UploadEvent:
         raise EventError(ErrorCode.EVENT_MALFORMED, problems, stage="parse") from e
     except RecursionError as e:
         raise EventError(ErrorCode.EVENT_MALFORMED, "JSON nested too deeply", stage="parse") from e
-    try:
-        upload.to_bytes()  # lone surrogates parse but can never be written back out
-    except (UnicodeEncodeError, ValueError) as e:
-        raise EventError(
-            ErrorCode.EVENT_MALFORMED, "text is not valid Unicode (lone surrogate)", stage="parse"
-        ) from e
     return upload
+
+
+def _has_lone_surrogate(data: object) -> bool:
+    """True when any string of the parsed document, keys included, holds a lone surrogate
+    (JSON's ``\\ud800`` escapes parse, but no UTF-8 encoder can write them back out).
+    Iterative: the document may be nested as deep as the parser allowed."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _evidence(
@@ -147,9 +180,11 @@ def decide(
     ocr_text: str = "",
     headers: dict[str, bytes] | None = None,
     truncated: bool = False,
+    image_models: Sequence[tuple[str, str, str]] | None = None,
 ) -> Result:
     """The fast verdict of one scored upload (and its escalation when it is uncertain). Text cut
-    by the segment budget was not all read: such an upload is never allowed by the fast tier."""
+    by the segment budget was not all read: such an upload is never allowed by the fast tier.
+    ``image_models``: (role, name, version) of the image guard's models, when they scored it."""
     decision, categories = policy.decide(dict(zip(policy.codes, scores.tolist(), strict=True)))
     if truncated and decision == Decision.ALLOW:
         decision = Decision.ESCALATE
@@ -167,6 +202,9 @@ def decide(
         model_name=model[0],
         model_version=model[1],
         text_truncated=True if truncated else None,
+        image_models=[{"role": r, "name": n, "version": v} for r, n, v in image_models]
+        if image_models
+        else None,
     )
     headers = headers or trace_headers(record)
     key = upload.upload_id.encode()

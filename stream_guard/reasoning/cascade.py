@@ -14,7 +14,7 @@ Trust modes (issue 4: a small local model must not overturn the fast mode):
   mode escalated) are both disagreements and go to review, with the model's rationale for the
   person who decides.
 
-No answer (server unavailable, answers out of schema after the retries) always goes to review
+No usable answer (answers out of schema after the retries, a refusal) always goes to review
 with the reason.
 """
 
@@ -39,7 +39,9 @@ __all__ = [
 
 Trust = Literal["override", "advisory"]
 
-REVIEW_UNAVAILABLE = "reasoning.unavailable"
+# no usable answer: out of schema after the retries, refused, or images unreadable (a server
+# that is down is not this: the reasoning worker waits for it)
+REVIEW_UNAVAILABLE = "reasoning.no_answer"
 REVIEW_UNDECIDED = str(ErrorCode.REASONING_UNDECIDED)
 REVIEW_DISAGREEMENT = "reasoning.disagreement"
 MAX_REVIEW_REASON_CHARS = 800

@@ -156,4 +156,7 @@ def test_a_reasoning_server_that_is_down_holds_escalations_until_it_answers(
     finally:
         server.shutdown()
     assert sorted(f["upload_id"] for f in finals) == ["d-0", "d-1", "d-2"], "nothing lost"
-    assert "unavailable" not in " ".join(f.get("review_reason") or "" for f in finals).lower()
+    # each outcome comes from the server's (garbage) answer, none from it being down
+    for f in finals:
+        reason = (f.get("review_reason") or "").lower()
+        assert "schema" in reason and "connect" not in reason, reason

@@ -73,6 +73,14 @@ def test_verdict_and_escalation_bytes_match_the_recorded_golden_file():
         (b'{"upload_id": 5, "text": {"caption": "x"}}', ErrorCode.EVENT_MALFORMED),
         (b'{"schema_version": 9, "upload_id": "a"}', ErrorCode.EVENT_UNSUPPORTED_SCHEMA),
         (
+            b'{"upload_id": "a", "text": {"caption": ' + b"9" * 5000 + b"}}",
+            ErrorCode.EVENT_MALFORMED,
+        ),
+        (
+            b'{"upload_id": "a", "text": {"caption": "x"}, "metadata": {"\\ud83d": "v"}}',
+            ErrorCode.EVENT_MALFORMED,
+        ),
+        (
             b'{"upload_id": "a", "text": {"caption": "' + b"x" * 1_000_001 + b'"}}',
             ErrorCode.EVENT_TOO_LARGE,
         ),
@@ -86,6 +94,8 @@ def test_verdict_and_escalation_bytes_match_the_recorded_golden_file():
         "empty",
         "wrong-type",
         "newer-schema",
+        "huge-integer",
+        "surrogate-in-key",
         "too-large",
     ],
 )
@@ -150,3 +160,10 @@ def test_an_escalation_too_large_to_publish_is_one_dead_letter_not_a_verdict():
     )
     assert result.outcome == "dlq" and [o.role for o in result.outputs] == ["dlq"]
     assert result.error_code == "output.too_large"
+
+
+def test_a_huge_key_never_stops_its_dead_letter_from_being_written():
+    err = EventError(ErrorCode.EVENT_MALFORMED, "bad", stage="parse")
+    out = dead_letter(_record(b"{", key=b"k" * 2_000_000), err).outputs[0]
+    assert out.key is not None and len(out.key) < 100 and out.key.startswith(b"sha256:")
+    assert dead_letter(_record(b"{", key=b"small"), err).outputs[0].key == b"small"

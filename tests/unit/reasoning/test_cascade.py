@@ -35,7 +35,7 @@ CASES = [
     ("override", ESCALATED, said(REVIEW, "S10"), REVIEW, ["S1", "S10"], True,
      "reasoning.undecided", None),
     ("override", ESCALATED, said(BLOCK), REVIEW, ["S1"], True, "reasoning.undecided", None),
-    ("override", ESCALATED, None, REVIEW, ["S1"], True, "reasoning.unavailable", None),
+    ("override", ESCALATED, None, REVIEW, ["S1"], True, "reasoning.no_answer", None),
     # advisory: the stricter side wins, disagreements go to a person
     ("advisory", ESCALATED, said(BLOCK, "S10"), REVIEW, ["S1", "S10"], True,
      "reasoning.disagreement", False),
@@ -43,11 +43,11 @@ CASES = [
      "reasoning.disagreement", False),
     ("advisory", ESCALATED, said(ALLOW), REVIEW, ["S1"], True, "reasoning.disagreement", False),
     ("advisory", ESCALATED, said(REVIEW), REVIEW, ["S1"], True, "reasoning.undecided", None),
-    ("advisory", ESCALATED, None, REVIEW, ["S1"], True, "reasoning.unavailable", None),
+    ("advisory", ESCALATED, None, REVIEW, ["S1"], True, "reasoning.no_answer", None),
     ("advisory", FAST_BLOCKS, said(ALLOW), BLOCK, ["S1"], False, None, False),
     ("advisory", FAST_BLOCKS, said(BLOCK, "S12"), BLOCK, ["S1", "S12"], False, None, True),
     ("advisory", FAST_BLOCKS, said(REVIEW), BLOCK, ["S1"], False, None, None),
-    ("advisory", FAST_BLOCKS, None, REVIEW, ["S1"], True, "reasoning.unavailable", None),
+    ("advisory", FAST_BLOCKS, None, REVIEW, ["S1"], True, "reasoning.no_answer", None),
     ("advisory", ALL_CLEAR, said(ALLOW), ALLOW, [], False, None, True),
     ("advisory", ALL_CLEAR, said(BLOCK, "S1"), REVIEW, ["S1"], True,
      "reasoning.disagreement", False),
@@ -134,7 +134,7 @@ def test_an_unavailable_server_goes_to_review_with_the_reason(
         prompt_format="safevision", failure_reason="out-of-schema answer after 3 attempts",
     )  # fmt: skip
     assert review and verdict.decision == REVIEW
-    assert verdict.review_reason == "reasoning.unavailable: out-of-schema answer after 3 attempts"
+    assert verdict.review_reason == "reasoning.no_answer: out-of-schema answer after 3 attempts"
     assert verdict.reasoning is not None and verdict.reasoning.decision == REVIEW
     assert "out-of-schema" in verdict.reasoning.rationale
 

@@ -39,7 +39,11 @@ class TritonPythonModel:
             try:
                 texts = [self._read(image) for image in images]
             except Exception as e:  # one unreadable image must not fail the other requests
-                error = pb_utils.TritonError(f"ocr failed: {e}")
+                # INVALID_ARGUMENT: this input cannot be read, retrying it cannot help (the
+                # worker dead-letters the upload instead of waiting for Triton to "recover").
+                error = pb_utils.TritonError(
+                    f"ocr failed: {e}", pb_utils.TritonError.INVALID_ARGUMENT
+                )
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             out = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)

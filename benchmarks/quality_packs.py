@@ -1,6 +1,7 @@
+# ruff: noqa: E501  (report lines)
 """Guard quality of the default policy before and after its labelled pack (docs/quality.md).
 
-    python -m benchmarks.quality_packs [--davidson N]
+    python -m benchmarks.quality_packs [--davidson N] [--words]
 
 Compiles the shipped Llama Guard 4 policy twice with the embedded MiniLM text tower (the same
 ONNX model Triton serves, run here by onnxruntime): from the policy alone ("before") and with
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import numpy as np
 
 from stream_guard.build.text_encoder import TextEmbedder, default_minilm_dir
 from stream_guard.events import UploadText
-from stream_guard.policy.compiler import compile_head
+from stream_guard.policy.compiler import compile_head, head_texts
 from stream_guard.policy.model import IMAGE_SIGNALS, load_policy
 from stream_guard.policy.packs import load_pack
 from stream_guard.quality.compare import run_head
@@ -80,9 +83,57 @@ def report(name: str, policy, scores: np.ndarray, labels: np.ndarray) -> list[st
     return lines
 
 
+def words_only(policy, embed, texts, labels, packed: np.ndarray) -> list[str]:
+    """Each category in turn written in words only (definition, 4 examples, 4 hard negatives,
+    none of its pack rows) beside the rest of the packed policy, on the held-out split."""
+    lines = [
+        "\n### Each category written in words only, beside the packed policy\n",
+        "| category | AUROC words-only | AUROC trained | caught at shipped thresholds "
+        "(words-only / trained) | other rows it sends to escalate or block (words-only) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    rows = []
+    for c, cat in enumerate(policy.categories):
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in Path(policy.pack).glob("*.jsonl"):
+                keep = [
+                    line
+                    for line in f.read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                    and cat.code not in json.loads(line)["labels"]
+                    and not json.loads(line)["id"].startswith(f"{cat.code}-")
+                ]
+                (Path(tmp) / f.name).write_text("\n".join(keep) + "\n", encoding="utf-8")
+            short = cat.model_copy(
+                update={
+                    "examples": cat.examples[:4],
+                    "negative_examples": cat.negative_examples[:4],
+                }
+            )
+            cats = [short if k.code == cat.code else k for k in policy.categories]
+            variant = policy.model_copy(update={"categories": cats, "pack": tmp})
+            head = compile_head(variant, embed)
+        assert head.calibration[cat.code].method == "words"
+        s = whole_text_scores(head.to_bytes(), embed, texts)[:, c]
+        y = labels[:, c]
+        allow = policy.thresholds_for(cat).allow
+        row = (roc_auc(y, s), roc_auc(y, packed[:, c]), np.mean(s[y] >= allow))
+        row += (np.mean(packed[y, c] >= allow), np.mean(s[~y] >= allow))
+        rows.append(row)
+        lines.append(
+            f"| {cat.code} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.2f} / {row[3]:.2f} | {row[4]:.1%} |"
+        )
+    m = np.mean(rows, axis=0)
+    lines.append(f"| mean | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.2f} / {m[3]:.2f} | {m[4]:.1%} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--davidson", type=int, default=1500, help="held-out tweets (0: skip)")
+    ap.add_argument(
+        "--words", action="store_true", help="also each category written in words only (~2 min)"
+    )
     args = ap.parse_args()
     started = time.time()
     policy = load_policy(DEFAULT_POLICY)
@@ -97,10 +148,12 @@ def main() -> None:
                 cache[t] = v
         return np.stack([cache[t] for t in texts])
 
-    heads = {
-        "before (policy only)": compile_head(policy, embed, use_pack=False).to_bytes(),
-        "after (policy + pack)": compile_head(policy, embed).to_bytes(),
-    }
+    embed([*head_texts(policy)])  # embedding is the text tower's cost, not the compiler's
+    heads, compile_s = {}, {}
+    for name, use_pack in (("before (policy only)", False), ("after (policy + pack)", True)):
+        t0 = time.time()
+        heads[name] = compile_head(policy, embed, use_pack=use_pack).to_bytes()
+        compile_s[name] = time.time() - t0
     held = pack.split("heldout")
     texts = [r.text for r in held]
     labels = np.array([[c in r.labels for c in policy.codes] for r in held])
@@ -114,7 +167,10 @@ def main() -> None:
             rows = [r for r in csv.DictReader(f) if r["class"] in ("0", "2")]
         random.Random(20261201).shuffle(rows)
         tweets = rows[: args.davidson]
+        # A second, disjoint sample: how much S10 AUROC moves between samples of the same set.
+        second = rows[args.davidson : 3 * args.davidson]
     for name, head in heads.items():
+        out.append(f"\n{name}: compiled in {compile_s[name]:.1f} s, head {len(head) / 1e6:.1f} MB")
         out += report(
             f"{name}: pack held-out", policy, whole_text_scores(head, embed, texts), labels
         )
@@ -123,11 +179,19 @@ def main() -> None:
                 :, policy.codes.index("S10")
             ]
             y = np.array([r["class"] == "0" for r in tweets])
+            s2 = whole_text_scores(head, embed, [r["tweet"] for r in second])[
+                :, policy.codes.index("S10")
+            ]
+            y2 = np.array([r["class"] == "0" for r in second])
             out.append(
                 f"\nDavidson tweets ({len(tweets)}, hate {int(y.sum())}): S10 AUROC {roc_auc(y, s):.3f}, "
                 f"AUPRC {average_precision(y, s):.3f}, recall at block {np.mean(s[y] >= 0.8):.2f}, "
-                f"neither flagged {np.mean(s[~y] >= 0.35):.1%}"
+                f"neither flagged {np.mean(s[~y] >= 0.35):.1%}; second sample ({len(second)}): "
+                f"S10 AUROC {roc_auc(y2, s2):.3f}"
             )
+    if args.words:
+        packed = whole_text_scores(heads["after (policy + pack)"], embed, texts)
+        out += words_only(policy, embed, texts, labels, packed)
     out.append(f"\n({time.time() - started:.0f} s)")
     print("\n".join(out))
 

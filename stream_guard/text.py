@@ -8,7 +8,10 @@ segments say so (``truncated``) and the upload escalates.
 
 Obfuscated spellings (leetspeak, spaces or dots inside words, homoglyphs, zero-width and
 combining characters, repeated letters) are undone in a normalised copy that is scored beside
-the raw text when it differs. Dialogs are scored as the prompt, the response, and both together.
+the raw text when it differs; words run together (hashtags such as ``#killthemall``, long
+tokens, and text read from images, where OCR drops spaces: "IWILL KILL YOU") are split by
+word frequencies (wordninja, English Wikipedia unigrams). Dialogs are scored as the prompt, the
+response, and both together.
 
 Pure functions, no I/O: table-tested in ``tests/unit/test_text.py``.
 """
@@ -26,8 +29,10 @@ __all__ = [
     "STRIDE_WORDS",
     "WINDOW_WORDS",
     "Segments",
+    "image_text_segments",
     "normalise",
     "segments",
+    "split_words",
     "windows",
 ]
 
@@ -62,6 +67,22 @@ _LEET_WORD = re.compile(r"(?<![\w@$!|])[A-Za-z]+[0-9@$!|][\w@$!|]*")
 # Single letters separated by spaces, dots, dashes, underscores or asterisks: "k i l l", "k.i.l.l"
 _SPACED = re.compile(r"\b(?:[A-Za-z][ .\-_*]{1,2}){2,}[A-Za-z]\b")
 _REPEATS = re.compile(r"([A-Za-z])\1{2,}")
+# Hashtags, and letter runs long enough to be several words (English words rarely exceed 14).
+_RUN_TOGETHER = re.compile(r"#[A-Za-z][A-Za-z0-9_]+|\b[A-Za-z]{15,}\b")
+
+
+def split_words(text: str, *, every_token: bool = False) -> str:
+    """Words run together split apart: hashtags and long letter runs, or (``every_token``, for
+    text read from images) every token. Text without such tokens comes back unchanged."""
+    import wordninja  # ~1 MB of unigram frequencies, loaded on first use
+
+    def split(token: str) -> str:
+        parts = wordninja.split(token)
+        return " ".join(parts) if len(parts) > 1 else token
+
+    if every_token:
+        return " ".join(split(t) if t.isalpha() and len(t) > 3 else t for t in text.split())
+    return _RUN_TOGETHER.sub(lambda m: split(m.group(0).lstrip("#")), text)
 
 
 def normalise(text: str) -> str:
@@ -74,6 +95,7 @@ def normalise(text: str) -> str:
     t = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), t)
     t = _SPACED.sub(lambda m: re.sub(r"[ .\-_*]", "", m.group(0)), t)
     t = _REPEATS.sub(r"\1\1", t)
+    t = split_words(t)
     return re.sub(r"\s+", " ", t).strip()
 
 
@@ -104,6 +126,14 @@ def _parts(text: UploadText) -> list[str]:
     if text.prompt and text.response:  # a dialog: each side alone, and both together
         parts += [text.prompt, text.response]
     return parts
+
+
+def image_text_segments(text: str) -> list[str]:
+    """What is scored of the text read in an upload's images: its windows, and each window
+    with every run-together token split (OCR often drops the spaces between words)."""
+    raw = windows(text)
+    split = [n for w in raw if (n := split_words(normalise(w), every_token=True)) != w]
+    return list(dict.fromkeys(raw + split))
 
 
 def segments(text: UploadText, max_segments: int = DEFAULT_MAX_SEGMENTS) -> Segments:

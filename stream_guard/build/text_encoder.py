@@ -29,7 +29,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,9 +41,11 @@ from onnx import TensorProto, helper, numpy_helper
 from stream_guard.errors import ConfigError
 
 __all__ = [
+    "ExportedTower",
     "MINILM_PACKAGE",
     "MINILM_PIP_SPEC",
     "TextEmbedder",
+    "served_tower",
     "build_minilm_onnx",
     "default_minilm_dir",
 ]
@@ -403,7 +405,8 @@ class TextEmbedder:
         # The shipped tokenizer.json pads every input to 128; we pad each batch to its longest.
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length)
-        pad_id = self._tokenizer.token_to_id("[PAD]")
+        padding = self._tokenizer.padding or {}
+        pad_id = padding.get("pad_id", self._tokenizer.token_to_id("[PAD]"))
         self._pad_id = 0 if pad_id is None else pad_id
 
         options = ort.SessionOptions()
@@ -414,6 +417,7 @@ class TextEmbedder:
         self._session = ort.InferenceSession(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        self.output = self._session.get_outputs()[0].name  # "embedding" (or a signal's "probs")
         dim = self._session.get_outputs()[0].shape[-1]
         if not isinstance(dim, int):
             raise ConfigError(f"{onnx_path}: output 'embedding' has no static width ({dim!r})")
@@ -473,7 +477,59 @@ class TextEmbedder:
             rows = order[start : start + self.batch_size]
             ids, mask = self._pad([sequences[i] for i in rows])
             (embedding,) = self._session.run(
-                ["embedding"], {"input_ids": ids, "attention_mask": mask}
+                [self.output], {"input_ids": ids, "attention_mask": mask}
             )
             out[rows] = embedding
         return out
+
+
+class ExportedTower:
+    """In-process twin of the Triton text tower serving a ``model export --kind text`` export
+    (``model_repository/cpu/text_encoder/1/model.py``): the embedding, then each signal model's
+    probabilities. ``embed(texts) -> float32 [n, D + signals]``; ``signals`` names the columns
+    after the embedding, as the served config does."""
+
+    def __init__(self, export_dir: Path, **kwargs: object) -> None:
+        report = json.loads((Path(export_dir) / "export.json").read_text())
+        if report.get("kind") != "text":
+            raise ConfigError(f"{export_dir} does not hold a text tower export")
+        directory = Path(export_dir)
+        length = int(report["max_length"])
+        self.prefix = str(report.get("prefix", ""))
+        onnx_path = directory / report["text_onnx"]
+        if not onnx_path.is_file():
+            onnx_path = directory / "model.onnx"  # the copy inside a repository version
+        self._encoder = TextEmbedder(
+            directory / report["tokenizer"], onnx_path, max_length=length, **kwargs
+        )
+        self._signals = []
+        self.signals: list[str] = []
+        for s in report.get("signals", []):
+            model = TextEmbedder(
+                directory / s["tokenizer"], directory / s["onnx"], max_length=length, **kwargs
+            )
+            model.output = "probs"
+            self._signals.append(model)
+            self.signals += [f"{s['name']}:{label}" for label in s["labels"]]
+        self.dim = self._encoder.dim + len(self.signals)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [self.prefix + t for t in texts]
+        parts = [self._encoder.embed(texts)] + [m.embed(texts) for m in self._signals]
+        return np.concatenate(parts, axis=1)
+
+
+def served_tower(
+    repo: Path, name: str = "text_encoder"
+) -> tuple[Callable[[Sequence[str]], np.ndarray], list[str]]:
+    """(embed, text signal names) of the text tower a model repository serves: an exported tower
+    (its version holds export.json), else the shipped MiniLM."""
+    version = Path(repo) / name / "1"
+    if (version / "export.json").is_file():
+        tower = ExportedTower(version)
+        return tower.embed, tower.signals
+    onnx_path = version / "model.onnx"
+    embedder = TextEmbedder.from_model_dir(
+        default_minilm_dir(), onnx_path=onnx_path if onnx_path.is_file() else None
+    )
+    return embedder.embed, []

@@ -108,11 +108,11 @@ def _score_with_progress(
 
 
 def _load(manifest: Path, policy_path: Path | None, triton_url: str | None):
+    from stream_guard.cli.common import settings as load_settings
     from stream_guard.policy.model import load_policy
     from stream_guard.quality.manifest import read_manifest
-    from stream_guard.settings import Settings
 
-    settings = _with_triton_url(Settings(), triton_url)
+    settings = _with_triton_url(load_settings(), triton_url)
     policy_file = policy_path or settings.policy.path
     policy = load_policy(policy_file)
     rows = read_manifest(manifest, codes=policy.codes, check_files=True)
@@ -152,8 +152,12 @@ def eval_command(
     concurrency: ConcurrencyOpt = DEFAULT_CONCURRENCY,
     skip_bad_rows: SkipOpt = False,
     progress: ProgressOpt = True,
+    worst: Annotated[
+        int, typer.Option(min=0, help="list this many worst false positives and negatives")
+    ] = 10,
 ) -> None:
-    """Score a labelled manifest through Triton and report SafeVision's metrics and plots."""
+    """Score a labelled manifest through Triton and report SafeVision's metrics and plots,
+    per slice when rows name one, with the worst false positives and false negatives."""
     from stream_guard.quality.metrics import evaluate, format_report, write_plots
 
     if escalate_as not in ("unsafe", "safe"):
@@ -181,16 +185,60 @@ def eval_command(
     thresholds = {c.code: _pair(pol.thresholds_for(c)) for c in pol.categories}
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(report, scored.scores, scored.labels, out, thresholds=thresholds)
+    run = _run_info(scored, manifest, policy_file, settings, len(rows))
+    run["head_version_pinned"] = head_version is not None
     document = {
         **report.to_dict(),
-        "run": _run_info(scored, manifest, policy_file, settings, len(rows)),
+        "run": run,
         "thresholds": {c: {"allow": a, "block": b} for c, (a, b) in thresholds.items()},
         "plots": {k: p.name for k, p in plots.items()},
+        **_failures(scored, cast("EscalateAs", escalate_as), worst),
     }
     (out / "report.json").write_text(json.dumps(document, indent=2) + "\n")
     _write_scores(out / "scores.jsonl", scored)
+    typer.echo(_scored_with(scored, head_version))
     typer.echo(format_report(report))
+    typer.echo(_format_failures(document))
     _echo_run(scored, out)
+
+
+def _failures(scored: ScoredManifest, escalate_as: EscalateAs, k: int) -> dict[str, Any]:
+    """report.json's ``slices`` (metrics per manifest slice) and ``worst`` (errors to read)."""
+    from stream_guard.quality.failures import slice_summaries, worst_errors
+
+    slices = [r.slice for r in scored.rows]
+    summaries = slice_summaries(
+        scored.codes,
+        slices,
+        scored.labels,
+        scored.scores,
+        scored.decisions,
+        escalate_as=escalate_as,
+    )
+    worst = worst_errors(
+        scored.codes,
+        [r.id for r in scored.rows],
+        [r.text for r in scored.rows],
+        slices,
+        scored.labels,
+        scored.scores,
+        scored.verdicts,
+        k=k,
+        escalate_as=escalate_as,
+    )
+    return {
+        "slices": {s.name: {k: v for k, v in vars(s).items() if k != "name"} for s in summaries},
+        "worst": {kind: [r.to_dict() for r in rows] for kind, rows in worst.items()},
+    }
+
+
+def _format_failures(document: dict[str, Any]) -> str:
+    from stream_guard.quality.failures import ErrorRow, SliceSummary, format_slices, format_worst
+
+    slices = [SliceSummary(name=n, **v) for n, v in document["slices"].items()]
+    worst = {k: [ErrorRow(**r) for r in rows] for k, rows in document["worst"].items()}
+    parts = [format_slices(slices), format_worst(worst)]
+    return "\n" + "\n\n".join(p for p in parts if p)
 
 
 def calibrate_command(
@@ -262,6 +310,7 @@ def calibrate_command(
             "run": _run_info(scored, manifest, policy_file, settings, len(rows)),
         }
         json_out.write_text(json.dumps(document, indent=2) + "\n")
+    typer.echo(_scored_with(scored, head_version))
     typer.echo(format_calibration(result))
     if result.unreachable:
         typer.echo(
@@ -289,7 +338,7 @@ def head_train(
     Rows without text are left out: the trained part reads the text embedding only.
     """
     from stream_guard.build.repository import build_text_encoder, write_head
-    from stream_guard.build.text_encoder import TextEmbedder, default_minilm_dir
+    from stream_guard.build.text_encoder import served_tower
     from stream_guard.policy.compiler import compile_head
     from stream_guard.policy.model import load_policy
     from stream_guard.quality.manifest import label_matrix, read_manifest
@@ -301,10 +350,14 @@ def head_train(
         if not with_text:
             raise ConfigError(f"{manifest} has no rows with text to train on")
         labels = label_matrix(with_text, pol.codes)
-        onnx_path = build_text_encoder(repository)
-        embedder = TextEmbedder.from_model_dir(default_minilm_dir(), onnx_path=onnx_path)
+        build_text_encoder(repository)  # MiniLM unless an exported tower is served there
+        embed, signals = served_tower(repository)
         compiled = compile_head(
-            pol, embedder.embed, extra_texts=[r.text for r in with_text], extra_labels=labels
+            pol,
+            embed,
+            extra_texts=[r.text for r in with_text],
+            extra_labels=labels,
+            text_signals=signals,
         )
         head = write_head(repository, compiled)
         _add_training_metadata(
@@ -347,6 +400,7 @@ def eval_baselines(
 ) -> None:
     """Compiled head vs the naive nearest-prototype head and a TF-IDF classifier (in-process)."""
     from stream_guard.build.text_encoder import TextEmbedder, default_minilm_dir
+    from stream_guard.cli.common import settings as load_settings
     from stream_guard.policy.model import load_policy
     from stream_guard.quality.compare import (
         LabelledTexts,
@@ -356,11 +410,10 @@ def eval_baselines(
         format_markdown,
     )
     from stream_guard.quality.manifest import read_manifest
-    from stream_guard.settings import Settings
     from stream_guard.triton import N_SIGNALS
 
     try:
-        pol = load_policy(policy or Settings().policy.path)
+        pol = load_policy(policy or load_settings().policy.path)
         datasets = {
             m.stem: LabelledTexts.from_rows(read_manifest(m, codes=pol.codes), pol.codes)
             for m in manifests
@@ -413,10 +466,10 @@ def _cached(embed: Callable[[Sequence[str]], np.ndarray]) -> Callable[[Sequence[
 
 
 async def _load_in_triton(url: str | None, model_name: str) -> None:
-    from stream_guard.settings import Settings
+    from stream_guard.cli.common import settings as load_settings
     from stream_guard.triton import GuardModels
 
-    models = GuardModels(_with_triton_url(Settings(), url).triton)
+    models = GuardModels(_with_triton_url(load_settings(), url).triton)
     try:
         await models.load_model(model_name)
     finally:
@@ -456,6 +509,19 @@ def _run_info(
     }
 
 
+def _scored_with(scored: ScoredManifest, head_version: int | None) -> str:
+    """Which policy and head made these numbers: a new head version changes them."""
+    how = (
+        "pinned by --head-version"
+        if head_version is not None
+        else ("the newest version Triton serves; pin one with --head-version")
+    )
+    return (
+        f"policy {scored.policy_id} {scored.policy_version}, head {scored.model_name} "
+        f"version {scored.model_version} ({how})"
+    )
+
+
 def _write_scores(path: Path, scored: ScoredManifest) -> None:
     with path.open("w") as fh:
         for i, row in enumerate(scored.rows):
@@ -463,6 +529,7 @@ def _write_scores(path: Path, scored: ScoredManifest) -> None:
                 json.dumps(
                     {
                         "id": row.id,
+                        "slice": row.slice,
                         "labels": list(row.labels),
                         "decision": scored.verdicts[i],
                         "scores": dict(zip(scored.codes, scored.scores[i].tolist(), strict=True)),

@@ -25,7 +25,9 @@ model_app = typer.Typer(
 def export(
     source: Annotated[str, typer.Argument(help="Hugging Face hub id or local model directory")],
     out: Annotated[Path, typer.Option(help="directory for the ONNX towers and export.json")],
-    kind: Annotated[str, typer.Option(help="auto | clip | siglip")] = "auto",
+    kind: Annotated[
+        str, typer.Option(help="auto | clip | siglip | text (a text encoder for the text tower)")
+    ] = "auto",
     exporter: Annotated[str, typer.Option(help="auto | dynamo | torchscript")] = "auto",
     verify: Annotated[bool, typer.Option(help="compare with PyTorch on random inputs")] = True,
     tolerance: Annotated[
@@ -38,13 +40,48 @@ def export(
     prefix: Annotated[
         str | None, typer.Option(help="model name prefix in the repository (default: kind)")
     ] = None,
+    signals: Annotated[
+        list[str] | None,
+        typer.Option(help="--kind text: a sequence classifier whose labels become text signals"),
+    ] = None,
+    pooling: Annotated[str, typer.Option(help="--kind text: mean | cls")] = "mean",
+    max_length: Annotated[int, typer.Option(min=8, help="--kind text: tokens read")] = 128,
+    text_prefix: Annotated[
+        str, typer.Option(help='--kind text: prepended to every text (E5: "query: ")')
+    ] = "",
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="--kind text: run the checkpoint's own modelling code")
+    ] = False,
 ) -> None:
-    """Export the image and text towers of a CLIP / SigLIP model to ONNX with dynamic batch."""
+    """Export a CLIP / SigLIP model's image and text towers, or (--kind text) a Hugging Face
+    text encoder and sequence classifiers as the guard's text tower, to ONNX with dynamic batch."""
     from stream_guard.build.export import Exporter, Kind, export_dual_encoder, write_towers
+    from stream_guard.build.text_export import is_text_encoder
     from stream_guard.errors import StreamGuardError
 
-    if kind not in ("auto", "clip", "siglip"):
-        raise typer.BadParameter(f"--kind must be auto, clip or siglip, not {kind!r}")
+    if kind not in ("auto", "clip", "siglip", "text"):
+        raise typer.BadParameter(f"--kind must be auto, clip, siglip or text, not {kind!r}")
+    try:
+        text = kind == "text" or (kind == "auto" and is_text_encoder(source, trust_remote_code))
+    except StreamGuardError as e:
+        typer.echo(f"export failed: {e}", err=True)
+        raise typer.Exit(1) from e
+    if text:
+        _export_text(
+            source,
+            out,
+            dict(
+                signals=signals or [],
+                pooling=pooling,
+                max_length=max_length,
+                prefix=text_prefix,
+                trust_remote_code=trust_remote_code,
+            ),
+            repository,
+            flavour,
+            tolerance,
+        )
+        return
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise typer.BadParameter(
             f"--exporter must be auto, dynamo or torchscript, not {exporter!r}"
@@ -64,6 +101,30 @@ def export(
         raise typer.Exit(3)
 
 
+def _export_text(source, out, options, repository, flavour, tolerance) -> None:
+    from stream_guard.build.text_export import export_text_tower, signal_names, write_text_tower
+    from stream_guard.errors import StreamGuardError
+
+    try:
+        report = export_text_tower(source, out, **options)
+        model = write_text_tower(out, repository, flavour=flavour) if repository else None
+    except (StreamGuardError, OSError) as e:
+        typer.echo(f"export failed: {e}", err=True)
+        raise typer.Exit(1) from e
+    document = {"report": json.loads(report.to_json()), "text_signals": signal_names(report)}
+    typer.echo(json.dumps({**document, "models": {"text": model} if model else {}}, indent=2))
+    if model:
+        typer.echo(
+            f"{repository}/{model} now serves this tower: recompile heads on it "
+            f"(`stream-guard model repository {repository}`, or a worker given the repository)",
+            err=True,
+        )
+    worst = max(report.max_abs_error.values(), default=0.0)
+    if worst > tolerance:
+        typer.echo(f"max abs error {worst:.3g} exceeds the tolerance {tolerance:g}", err=True)
+        raise typer.Exit(3)
+
+
 @model_app.command("repository")
 def repository(
     out: Annotated[Path, typer.Argument(help="directory to write the repository to")],
@@ -74,12 +135,12 @@ def repository(
 ) -> None:
     """Write a complete model repository (towers, OCR, one head per policy) in a flavour."""
     from stream_guard.build.repository import build_repository
+    from stream_guard.cli.common import settings as load_settings
     from stream_guard.policy.model import load_policy
-    from stream_guard.settings import Settings
 
     if flavour not in ("cpu", "gpu"):
         raise typer.BadParameter(f"--flavour must be cpu or gpu, not {flavour!r}")
-    paths = policy or [Settings().policy.path]
+    paths = policy or [load_settings().policy.path]
     heads = build_repository(out, [load_policy(p) for p in paths], flavour=flavour)
     for h in heads:
         typer.echo(f"{h.model_name} version {h.version}: {h.policy_id} {h.policy_version}")

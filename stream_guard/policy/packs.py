@@ -5,8 +5,9 @@ or a directory path (relative to the policy file). A pack is JSON-lines files of
 ``{"id", "text", "labels", "style"}`` rows (``labels: []`` is safe). Every row belongs to one
 split, fixed by a hash of its id, so no head ever trains on the held-out rows:
 
-- ``train`` (60 %): the compiler fits the head and its prototypes on these;
-- ``calib`` (20 %): the compiler maps scores so the policy's thresholds hit their targets;
+- ``train`` (60 %) and ``calib`` (20 %): the compiler fits the head on these by K-fold
+  cross-fitting, and its out-of-fold scores set the thresholds' targets (the calib split was
+  the model-selection set while the compiler was designed);
 - ``heldout`` (20 %): only ``eval`` and ``docs/quality.md`` read these.
 
 Labels that are not codes of the policy are dropped (a row labelled only with unknown codes

@@ -139,6 +139,49 @@ def test_eval_reports_consistent_numbers_and_readable_plots(runner, manifest, tm
             assert img.format == "PNG" and img.width > 300 and img.height > 300
 
 
+def test_eval_reports_each_slice_and_lists_the_worst_mistakes(runner, tmp_path):
+    # Two rows labelled wrong on purpose: the guard's right answers are the report's mistakes.
+    rows = [{"id": i, "text": t, "labels": lab, "slice": "explicit"} for i, t, lab in UNSAFE]
+    rows += [{"id": i, "text": t, "labels": [], "slice": "everyday"} for i, t in BENIGN]
+    rows += [
+        {"id": "wrong-safe", "text": UNSAFE[0][1] + "!", "labels": [], "slice": "mislabelled"},
+        {
+            "id": "wrong-unsafe",
+            "text": BENIGN[0][1] + "!",
+            "labels": ["S1"],
+            "slice": "mislabelled",
+        },
+        {"id": "no-slice", "text": "Latte art at my favorite cafe", "labels": []},
+    ]
+    manifest = tmp_path / "sliced.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    result = _invoke(
+        runner, ["eval", str(manifest), "--out", str(out), "--worst", "3", "--no-progress"]
+    )
+    report = json.loads((out / "report.json").read_text())
+
+    slices = report["slices"]
+    assert list(slices) == ["explicit", "everyday", "mislabelled", "(no slice)"]
+    assert (slices["explicit"]["n"], slices["explicit"]["n_safe"]) == (len(UNSAFE), 0)
+    assert slices["explicit"]["tpr"] == 1.0 and slices["everyday"]["fpr"] == 0.0
+    assert slices["mislabelled"]["accuracy"] == 0.0
+    assert sum(s["n"] for s in slices.values()) == report["n"] == len(rows)
+
+    fps, fns = report["worst"]["false_positives"], report["worst"]["false_negatives"]
+    assert [r["id"] for r in fps] == ["wrong-safe"] and [r["id"] for r in fns] == ["wrong-unsafe"]
+    assert fps[0]["text"] == UNSAFE[0][1] + "!" and fps[0]["slice"] == "mislabelled"
+    assert fps[0]["decision"] != "allow" and max(fps[0]["top"], key=fps[0]["top"].get) == "S1"
+    assert fns[0]["labels"] == ["S1"] and fns[0]["decision"] == "allow"
+    scores = {r["id"]: r for r in map(json.loads, (out / "scores.jsonl").read_text().splitlines())}
+    assert fns[0]["score"] == scores["wrong-unsafe"]["scores"]["S1"]
+    assert scores["no-slice"]["slice"] is None and scores["wrong-safe"]["slice"] == "mislabelled"
+
+    assert "per slice" in result.stdout and "mislabelled" in result.stdout
+    assert "worst false positives" in result.stdout and "wrong-safe [mislabelled]" in result.stdout
+    assert "wrong-unsafe [mislabelled] truth=S1" in result.stdout
+
+
 def test_calibrate_writes_a_valid_policy_with_per_category_thresholds(runner, manifest, tmp_path):
     target = tmp_path / "calibrated.yaml"
     result = _invoke(

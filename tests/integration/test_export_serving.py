@@ -72,3 +72,94 @@ def test_triton_served_towers_match_pytorch(served, kind, batch, seq):
     }
     print(f"{kind} batch={batch} seq={seq} max abs error via Triton: {errors}")
     assert max(errors.values()) < TOLERANCE, errors
+
+
+# -- a Hugging Face text encoder + a classifier as the guard's text tower ------------------------
+
+TEXT_POLICY = """
+policy_id: tiny_text
+version: "1"
+safe_examples: ["a walk in the park", "hello world", "fresh bread from the bakery"]
+categories:
+  - code: T
+    name: Toxicity
+    definition: insults and toxic language aimed at a person
+    examples: ["you are a worthless idiot", "nobody wants you here, loser"]
+    text_signals: ["toxic:insult"]
+  - code: V
+    name: Violence
+    definition: threats of violence against a person
+    examples: ["I will find you after school"]
+"""
+TEXTS = ["hello world", "I will find you after school and you will regret it", "a", ""]
+
+
+@pytest.fixture(scope="module")
+def text_tower(tmp_path_factory):
+    """A tiny RoBERTa encoder + BERT classifier exported, written as the repository's
+    text_encoder, and served by tritonserver with a head compiled on it."""
+    from stream_guard.build import text_export as tx
+    from stream_guard.build.repository import write_head
+    from stream_guard.build.text_encoder import served_tower
+    from stream_guard.policy.compiler import compile_head
+    from stream_guard.policy.model import parse_policy
+
+    root = tmp_path_factory.mktemp("text-tower")
+    enc = tx.save_tiny_text_checkpoint("roberta", root / "enc")
+    cls = tx.save_tiny_text_checkpoint("bert", root / "cls", classifier_labels=["toxic", "insult"])
+    tx.export_text_tower(enc, root / "out", signals=[f"toxic={cls}"], prefix="query: ")
+    repo = root / "repo"
+    tx.write_text_tower(root / "out", repo)
+    policy = parse_policy(TEXT_POLICY)
+    embed, signals = served_tower(repo)
+    head = write_head(repo, compile_head(policy, embed, text_signals=signals))
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    proc = start_triton(root / "state", repo, ports, ["text_encoder", head.model_name])
+    try:
+        yield policy, embed, head, f"127.0.0.1:{ports.grpc}"
+    finally:
+        proc.stop()
+
+
+async def test_triton_serves_the_exported_text_tower_with_its_signals(text_tower):
+    from stream_guard.settings import TritonSettings
+    from stream_guard.triton import GuardModels
+
+    _, embed, _, url = text_tower
+    models = GuardModels(TritonSettings(url=url))
+    try:
+        served = await models.embed_texts(TEXTS)
+    finally:
+        await models.close()
+    want = embed(TEXTS)
+    assert served.shape == (len(TEXTS), 34)
+    error = float(np.abs(served - want).max())
+    print(f"exported text tower via Triton: max abs error {error:.2e}")
+    assert error < TOLERANCE
+
+
+async def test_a_worker_compiles_its_head_on_the_served_tower_and_its_signals(text_tower):
+    from stream_guard.policy.heads import compile_with_triton, text_tower_layout
+    from stream_guard.settings import TritonSettings
+    from stream_guard.triton import GuardModels
+
+    policy, embed, head, url = text_tower
+    models = GuardModels(TritonSettings(url=url))
+    try:
+        layout = await text_tower_layout(models)
+        compiled = await compile_with_triton(policy, models)
+        vectors = await models.embed_texts(["you are a worthless idiot", "hello world"])
+        scores = await models.score(head.model_name, head.version, vectors, np.zeros((2, 18)))
+    finally:
+        await models.close()
+    assert (layout.width, layout.text_signals) == (34, ("toxic:toxic", "toxic:insult"))
+    assert compiled.text_signals == ["toxic:toxic", "toxic:insult"]
+    width = compiled.onnx_model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    assert width == 34
+    # The served head: T lists toxic:insult, so its score is at least that signal; V does not.
+    insult = vectors[:, 32 + 1]
+    t, v = policy.codes.index("T"), policy.codes.index("V")
+    assert (scores[:, t] >= insult - 1e-6).all()
+    local = embed(["you are a worthless idiot", "hello world"])
+    np.testing.assert_allclose(vectors, local, atol=TOLERANCE)
+    assert scores.shape == (2, 2) and np.isfinite(scores[:, v]).all()

@@ -67,3 +67,23 @@ def test_dialogs_score_prompt_response_and_both():
 def test_an_obfuscated_caption_adds_its_normalised_form():
     segs = segments(UploadText(caption="i will k i l l you"))
     assert segs.texts == ["i will k i l l you", "i will kill you"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("#killallimmigrants now", "kill all immigrants now"),
+        ("the view was breathtaking", "the view was breathtaking"),
+        ("totallyunacceptablebehaviour here", "totally unacceptable behaviour here"),
+    ],
+)
+def test_normalise_splits_hashtags_and_long_run_together_words(raw: str, expected: str):
+    assert normalise(raw) == expected
+
+
+def test_text_read_from_images_is_also_scored_with_its_words_split():
+    from stream_guard.text import image_text_segments
+
+    segs = image_text_segments("IWILL KILL YOU")
+    assert segs[0] == "IWILL KILL YOU" and "I WILL KILL YOU" in segs
+    assert image_text_segments("Grand Opening Sale") == ["Grand Opening Sale"]

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from safetensors.numpy import load_file
 
-from stream_guard.errors import ConfigError
 from stream_guard.build import text_encoder
 from stream_guard.build.text_encoder import TextEmbedder, build_minilm_onnx, default_minilm_dir
+from stream_guard.errors import ConfigError
 
 LONG_TEXT = " ".join(
     f"sentence {i} of a long moderation report about uploads, comments and user profiles."

@@ -1,7 +1,10 @@
 """Triton Python-backend text tower: UTF-8 strings -> L2-normalised sentence embeddings.
 
 Tokenises with the model's own tokenizer.json (HF `tokenizers`), then runs the encoder ONNX
-(all-MiniLM-L6-v2 by default) once for the whole dynamic batch.
+(all-MiniLM-L6-v2 by default) once for the whole dynamic batch. A tower exported by
+`stream-guard model export --kind text` may add text signals (sequence classifiers, each with
+its own tokenizer, listed in signals.json): their probabilities follow the embedding in
+EMBEDDING, in the order the config's `stream_guard.text_signals` parameter names them.
 """
 
 import json
@@ -18,9 +21,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        self.tokenizer = Tokenizer.from_file(os.path.join(version_dir, "tokenizer.json"))
-        self.tokenizer.enable_truncation(int(params.get("max_length", "128")))
-        self.tokenizer.enable_padding()
+        max_length = int(params.get("max_length", "128"))
+        self.prefix = params.get("text_prefix", "")
+        self.tokenizer = _tokenizer(os.path.join(version_dir, "tokenizer.json"), max_length)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
         opts.inter_op_num_threads = 1
@@ -31,6 +34,17 @@ class TritonPythonModel:
             os.path.join(version_dir, "model.onnx"), sess_options=opts,
             providers=["CPUExecutionProvider"],
         )
+        self.signals = []
+        listed = os.path.join(version_dir, "signals.json")
+        if os.path.exists(listed):
+            with open(listed) as fh:
+                for s in json.load(fh)["signals"]:
+                    tok = _tokenizer(os.path.join(version_dir, s["tokenizer"]), max_length)
+                    path = os.path.join(version_dir, s["onnx"])
+                    sess = ort.InferenceSession(
+                        path, sess_options=opts, providers=["CPUExecutionProvider"]
+                    )
+                    self.signals.append((tok, sess))
 
     def execute(self, requests):
         texts, sizes = [], []
@@ -41,11 +55,14 @@ class TritonPythonModel:
                 for t in raw
             )
             sizes.append(len(raw))
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+        if self.prefix:  # E5-style models embed "query: <text>"
+            texts = [self.prefix + t for t in texts]
         try:
-            (emb,) = self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
+            emb = _run(self.tokenizer, self.session, "embedding", texts)
+            if self.signals:
+                emb = np.concatenate(
+                    [emb] + [_run(t, s, "probs", texts) for t, s in self.signals], axis=1
+                )
         except Exception as e:
             error = pb_utils.TritonError(f"text encoder failed: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
@@ -55,3 +72,21 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             start += size
         return responses
+
+
+def _tokenizer(path, max_length):
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.enable_truncation(max_length)
+    # Pad each batch to its longest text with the model's own padding token (an exported
+    # RoBERTa pads with <pad>, id 1; MiniLM's file pads to a fixed 128 we do not want).
+    pad = tokenizer.padding or {}
+    tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
+    return tokenizer
+
+
+def _run(tokenizer, session, output, texts):
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+    mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+    (out,) = session.run([output], {"input_ids": ids, "attention_mask": mask})
+    return out.astype(np.float32)

@@ -4,6 +4,12 @@ Three calls per worker batch, each one request carrying the whole batch (Triton'
 batcher also merges requests from concurrent batches and workers): the text tower, the image
 tower, then the policy's head. Transport failures are transient (DependencyUnavailable).
 
+With an image guard configured (``triton.image_tower``: an exported CLIP / SigLIP image tower,
+and its raw-text tower), uploads with images also go through that pair and the policy's image
+head (``policy/image_head.py``). What the worker must know about the towers (input size, resize
+rule, temperature, identity) is read from their Triton configs (the ``stream_guard.export``
+parameter that ``stream-guard model export`` writes), so a worker needs no shared files.
+
 Text in images: the worker's side of the `ocr` model on Triton.
 
 Only uploads whose policy says ``ocr: true`` pay for it. The worker sends each decoded image
@@ -21,18 +27,23 @@ the 0.35 allow threshold), and an upload is as unsafe as its worst part, as with
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from stream_guard.errors import DependencyUnavailable
+from stream_guard.errors import ConfigError, DependencyUnavailable, ErrorCode, InferenceError
 from stream_guard.settings import TritonSettings
 
 __all__ = [
     "EMBED_DIM",
+    "EXPORT_PARAMETER",
     "GuardModels",
+    "ImageGuard",
+    "ServedTower",
     "MAX_SIDE",
     "N_SIGNALS",
     "OCR_MODEL",
@@ -45,14 +56,116 @@ EMBED_DIM = 384
 N_SIGNALS = 18
 
 
+# Bound on concurrent OCR requests per batch: one request per image would otherwise fan out
+# 32 uploads x 16 images = 512 requests, above the model's queue limit.
+MAX_OCR_CONCURRENCY = 8
+# gRPC's default reconnect backoff (1 s x1.6 up to 120 s) makes recovery time grow with the
+# outage; capped here, the worker reconnects within ~2 s of Triton being ready again.
+RECONNECT_ARGS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own defaults (message sizes, keepalive) plus the reconnect bounds:
+    passing channel_args replaces its defaults, so they are restated here."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    k = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", k.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", k.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", k.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", k.http2_max_pings_without_data),
+        *RECONNECT_ARGS,
+    ]
+
+
+def triton_error(model: str, e: InferenceServerException) -> Exception:
+    """INVALID_ARGUMENT is about this input (permanent, dead-letter it); anything else is
+    Triton being unavailable or overloaded (transient, retry)."""
+    if "INVALID_ARGUMENT" in str(e.status() or ""):
+        return InferenceError(
+            ErrorCode.INFERENCE_REJECTED, f"{model} refused the input: {e.message()}", stage="infer"
+        )
+    return DependencyUnavailable("triton", f"{model}: {e.message()}")
+
+
+EXPORT_PARAMETER = "stream_guard.export"  # written by build.export.export_parameter
+
+
+@dataclass(frozen=True)
+class ServedTower:
+    """One exported tower as Triton serves it, with its export description."""
+
+    name: str
+    version: str
+    info: dict
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.model_version}:{str(self.info.get('sha256', ''))[:16]}"
+
+
+@dataclass(frozen=True)
+class ImageGuard:
+    """The dual encoder the image heads are compiled in: image tower and raw-text tower."""
+
+    image: ServedTower
+    text: ServedTower
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.image.info["embed_dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.image.info["logit_scale"])
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.image.fingerprint}|{self.text.fingerprint}"
+
+    def tower_input(self):
+        from stream_guard.media.decode import TowerInput
+
+        i = self.image.info
+        return TowerInput(int(i["image_size"]), str(i["resize"]), int(i["resample"]))
+
+
+def _export_info(name: str, config: dict) -> dict:
+    raw = config.get("config", config).get("parameters", {}).get(EXPORT_PARAMETER, {})
+    try:
+        info = json.loads(raw.get("string_value", ""))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ConfigError(
+            f"{name} carries no {EXPORT_PARAMETER} parameter: serve a tower written by "
+            "`stream-guard model export --repository` (it records the preprocessing there)"
+        )
+    return info
+
+
 class GuardModels:
     def __init__(self, settings: TritonSettings) -> None:
         self.settings = settings
+        # The served text tower's width: MiniLM's until a head probe reads the served config.
+        self.embed_width = EMBED_DIM
+        self._image_guard: ImageGuard | None = None
         root = None
         if settings.root_certificates:
             root = str(settings.root_certificates)
         self.client = grpcclient.InferenceServerClient(
-            settings.url, ssl=settings.ssl, root_certificates=root
+            settings.url, ssl=settings.ssl, root_certificates=root, channel_args=channel_args()
         )
 
     async def _infer(
@@ -67,7 +180,7 @@ class GuardModels:
                 client_timeout=self.settings.timeout_s,
             )
         except InferenceServerException as e:
-            raise DependencyUnavailable("triton", f"{model}: {e.message()}") from e
+            raise triton_error(model, e) from e
         array = result.as_numpy(output)
         if array is None:
             raise DependencyUnavailable("triton", f"{model} returned no {output}")
@@ -75,7 +188,7 @@ class GuardModels:
 
     async def embed_texts(self, texts: Sequence[str], chunk: int = 64) -> np.ndarray:
         if not texts:
-            return np.zeros((0, EMBED_DIM), np.float32)
+            return np.zeros((0, self.embed_width), np.float32)
         parts = []
         for i in range(0, len(texts), chunk):
             batch = np.array([[t.encode("utf-8")] for t in texts[i : i + chunk]], dtype=np.object_)
@@ -85,8 +198,8 @@ class GuardModels:
         return np.concatenate(parts).astype(np.float32)
 
     async def detect(self, images: np.ndarray, chunk: int = 32) -> np.ndarray:
-        if len(images) == 0:
-            return np.zeros((0, N_SIGNALS), np.float32)
+        if len(images) == 0 or not self.settings.image_model:  # "": no detector configured
+            return np.zeros((len(images), N_SIGNALS), np.float32)
         parts = []
         for i in range(0, len(images), chunk):
             batch = np.ascontiguousarray(images[i : i + chunk], dtype=np.uint8)
@@ -112,6 +225,91 @@ class GuardModels:
             b = grpcclient.InferInput("IMAGE_SIGNALS", list(sig.shape), "FP32")
             b.set_data_from_numpy(sig)
             parts.append(await self._infer(model, [a, b], "SCORES", version=str(version)))
+        return np.concatenate(parts)
+
+    # -- the image guard (exported CLIP / SigLIP towers) --------------------------------------
+
+    @property
+    def image_text_tower(self) -> str:
+        s = self.settings
+        if s.image_text_tower or not s.image_tower:
+            return s.image_text_tower
+        return s.image_tower.removesuffix("_image_encoder") + "_text_embedder"
+
+    async def _served_tower(self, name: str, role: str) -> ServedTower:
+        try:
+            if self.settings.model_repository is not None and not await self._is_ready(name):
+                await self.load_model(name)  # this worker manages the repository's models
+            config = await self.client.get_model_config(name, as_json=True)
+            meta = await self.client.get_model_metadata(name, as_json=True)
+        except InferenceServerException as e:
+            raise DependencyUnavailable("triton", f"{role} {name} is not served: {e}") from e
+        info = _export_info(name, config)
+        if info.get("tower") != role:
+            raise ConfigError(f"{name} is an exported {info.get('tower')} tower, not a {role} one")
+        versions = sorted(meta.get("versions", ["1"]), key=int)
+        return ServedTower(name, versions[-1], info)
+
+    async def _is_ready(self, name: str) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(name, client_timeout=5))
+        except InferenceServerException:
+            return False
+
+    @property
+    def known_image_guard(self) -> ImageGuard | None:
+        """The image guard once ``image_guard()`` has read it (heads are resolved first)."""
+        return self._image_guard
+
+    async def image_guard(self) -> ImageGuard | None:
+        """The configured image guard (read from Triton once), or None when none is."""
+        if not self.settings.image_tower:
+            return None
+        if self._image_guard is None:
+            image = await self._served_tower(self.settings.image_tower, "image")
+            text = await self._served_tower(self.image_text_tower, "text")
+            for key in ("embed_dim", "source", "kind"):
+                if image.info.get(key) != text.info.get(key):
+                    raise ConfigError(
+                        f"{image.name} and {text.name} are not one dual encoder ({key}: "
+                        f"{image.info.get(key)!r} != {text.info.get(key)!r})"
+                    )
+            self._image_guard = ImageGuard(image, text)
+        return self._image_guard
+
+    async def embed_images(self, images: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """uint8 [N, S, S, 3] already sized for the image tower -> embeddings [N, E]."""
+        parts = []
+        for i in range(0, len(images), chunk):
+            batch = np.ascontiguousarray(images[i : i + chunk], dtype=np.uint8)
+            inp = grpcclient.InferInput("IMAGE", list(batch.shape), "UINT8")
+            inp.set_data_from_numpy(batch)
+            parts.append(await self._infer(self.settings.image_tower, [inp], "EMBEDDING"))
+        return np.concatenate(parts).astype(np.float32)
+
+    async def embed_image_texts(self, texts: Sequence[str], chunk: int = 32) -> np.ndarray:
+        """Texts embedded by the image guard's text tower (the images' embedding space)."""
+        parts = []
+        for i in range(0, len(texts), chunk):
+            batch = np.array([[t.encode("utf-8")] for t in texts[i : i + chunk]], dtype=np.object_)
+            inp = grpcclient.InferInput("TEXT", list(batch.shape), "BYTES")
+            inp.set_data_from_numpy(batch)
+            parts.append(await self._infer(self.image_text_tower, [inp], "EMBEDDING"))
+        return np.concatenate(parts).astype(np.float32)
+
+    async def image_scores(
+        self, model: str, version: int, images: np.ndarray, captions: np.ndarray, chunk: int = 128
+    ) -> np.ndarray:
+        """The policy's image head: image and caption embeddings -> IMAGE_SCORES [N, C]."""
+        parts = []
+        for i in range(0, len(images), chunk):
+            inputs = []
+            for name, array in (("IMAGE_EMBEDDING", images), ("CAPTION_EMBEDDING", captions)):
+                rows = np.ascontiguousarray(array[i : i + chunk], dtype=np.float32)
+                inp = grpcclient.InferInput(name, list(rows.shape), "FP32")
+                inp.set_data_from_numpy(rows)
+                inputs.append(inp)
+            parts.append(await self._infer(model, inputs, "IMAGE_SCORES", version=str(version)))
         return np.concatenate(parts)
 
     async def ready(self) -> bool:
@@ -171,11 +369,17 @@ async def read_text(
                 client_timeout=timeout_s,
             )
         except InferenceServerException as e:
-            raise DependencyUnavailable("triton", f"{model}: {e.message()}") from e
+            raise triton_error(model, e) from e
         out = result.as_numpy("TEXT")
         if out is None:
             raise DependencyUnavailable("triton", f"{model} returned no TEXT")
         raw = out.reshape(-1)[0]
         return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
 
-    return list(await asyncio.gather(*(one(i) for i in images)))
+    gate = asyncio.Semaphore(MAX_OCR_CONCURRENCY)
+
+    async def bounded(image: np.ndarray) -> str:
+        async with gate:
+            return await one(image)
+
+    return list(await asyncio.gather(*(bounded(i) for i in images)))

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
+import string
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +54,11 @@ __all__ = [
     "save_tiny_checkpoint",
     "scores",
     "torch_reference",
+    "EXPORT_PARAMETER",
+    "embedder_config",
+    "export_parameter",
+    "save_tokenizer",
+    "tokenizer_config",
     "tower_config",
     "verify_export",
     "write_towers",
@@ -81,6 +88,10 @@ class Preprocessing:
     rescale_factor: float
     image_mean: list[float]
     image_std: list[float]
+    # How the processor resizes before that (the worker does it: media.decode.TowerInput):
+    # "shortest_edge" + centre crop (CLIP) or "squash" straight to the size (SigLIP).
+    resize: str = "squash"
+    resample: int = 3  # PIL filter number, as processor configs write it (3: bicubic)
 
 
 @dataclass
@@ -100,6 +111,12 @@ class ExportReport:
     tokenizer: str | None = None
     max_abs_error: dict[str, float] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    # How the text tower wants its token ids (the served tokenizer model applies it): CLIP pads
+    # to the longest text and masks the padding; SigLIP was trained on texts padded to its full
+    # length with no mask (its processor passes none), so it pads to max_length and attends all.
+    text_padding: str = "longest"
+    pad_token_id: int = 0
+    text_attention: str = "mask"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -182,7 +199,16 @@ def load_preprocessing(src: str, model, kind: str) -> Preprocessing:
         raise ConfigError(
             f"{src}: processor output {side}px differs from the vision tower's {image_size}px"
         )
-    return Preprocessing(image_size, rescale, [float(m) for m in mean], [float(s) for s in std])
+    resized = cfg.get("size") or {}
+    shortest = isinstance(resized, dict) and "shortest_edge" in resized
+    return Preprocessing(
+        image_size,
+        rescale,
+        [float(m) for m in mean],
+        [float(s) for s in std],
+        resize="shortest_edge" if shortest or crop else "squash",
+        resample=int(cfg.get("resample", 3)),
+    )
 
 
 # -- the towers as modules --------------------------------------------------------------------
@@ -231,6 +257,100 @@ def pixel_values(images: np.ndarray, prep: Preprocessing):
     mean = torch.tensor(prep.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(prep.image_std).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# -- the tokenizer the served text tower uses ---------------------------------------------------
+
+# SigLIP's tokenizer lower-cases and strips punctuation before SentencePiece
+# (SiglipTokenizer.canonicalize_text); a converted tokenizer.json must do the same.
+_CHECK_TEXTS = (
+    "a photo of a cat",
+    "A Photo Of A RED triangle, on any background!",
+    "someone pointing a gun at a person",
+    "  extra   spaces\tand\ttabs  ",
+    "numbers 1234 and symbols #@%",
+)
+
+
+def save_tokenizer(src: str, out: Path, kind: str) -> str | None:
+    """Write ``tokenizer.json`` for the served text tower: the checkpoint's own, or its slow
+    (SentencePiece) tokenizer converted and checked token for token on sample texts. Returns
+    the file name, or None when the checkpoint has no tokenizer at all."""
+    own = _cached(src, "tokenizer.json")
+    if own is not None:
+        shutil.copy(own, out / "tokenizer.json")
+        return "tokenizer.json"
+    files = ("tokenizer_config.json", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
+    if not any(_cached(src, f) is not None for f in files):
+        # transformers 5 builds an empty tokenizer from nothing: only convert a real one.
+        log.warning("%s ships no tokenizer: the text tower is exported without one", src)
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        slow = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, ImportError) as e:
+        log.warning("%s has no tokenizer.json and no loadable tokenizer (%s)", src, e)
+        return None
+    backend = getattr(slow, "backend_tokenizer", None)
+    if backend is None:
+        backend = _convert(slow, kind)
+    _check_conversion(slow, backend, kind)
+    backend.save(str(out / "tokenizer.json"))
+    return "tokenizer.json"
+
+
+def _convert(slow, kind: str):
+    from tokenizers import Regex, normalizers
+    from transformers.convert_slow_tokenizer import SpmConverter, convert_slow_tokenizer
+
+    try:
+        backend = convert_slow_tokenizer(slow)
+    except (ValueError, KeyError):
+        if kind != "siglip":
+            raise
+        backend = SpmConverter(slow).converted()  # SigLIP's vocabulary is T5's SentencePiece
+    if kind == "siglip":  # SiglipTokenizer.canonicalize_text, then SentencePiece's own
+        punctuation = "[" + re.escape(string.punctuation) + "]"
+        steps = [
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(punctuation), ""),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+        ]
+        if backend.normalizer is not None:
+            steps.append(backend.normalizer)
+        backend.normalizer = normalizers.Sequence(steps)
+    return backend
+
+
+def _check_conversion(slow, backend, kind: str) -> None:
+    for text in _CHECK_TEXTS:
+        want = slow(text, add_special_tokens=True)["input_ids"]
+        got = backend.encode(text).ids
+        if list(want) != list(got):
+            raise ConfigError(
+                f"the converted {kind} tokenizer differs from the checkpoint's on {text!r} "
+                f"({got} != {want}); export a tokenizer.json with the checkpoint instead"
+            )
+
+
+def _pad_token_id(src: str, tokenizer: Path | None, model) -> int:
+    """The checkpoint's pad token: its tokenizer_config's, else tokenizer.json's padding, else
+    the text config's (CLIP masks padding, so only SigLIP's choice changes embeddings)."""
+    if tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
+        config = _cached(src, "tokenizer_config.json")
+        pad = json.loads(config.read_text()).get("pad_token") if config else None
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str) and tok.token_to_id(pad) is not None:
+            return int(tok.token_to_id(pad))
+        if tok.padding and "pad_id" in tok.padding:
+            return int(tok.padding["pad_id"])
+    pad_id = getattr(model.config.text_config, "pad_token_id", None)
+    return int(pad_id) if pad_id is not None else 0
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -313,9 +433,7 @@ def export_dual_encoder(
         {"INPUT_IDS": {0: "batch", 1: "sequence"}, "ATTENTION_MASK": {0: "batch", 1: "sequence"}},
         dynamo,
     )
-    tokenizer = _cached(src, "tokenizer.json")
-    if tokenizer is not None:
-        shutil.copy(tokenizer, out / "tokenizer.json")
+    tokenizer = save_tokenizer(src, out, kind)
     with torch.no_grad():
         embed_dim = int(text_tower(*text_args).shape[-1])
         scale = float(model.logit_scale.exp())
@@ -333,8 +451,11 @@ def export_dual_encoder(
         exporter="dynamo" if dynamo else "torchscript",
         image_onnx=IMAGE_FILE,
         text_onnx=TEXT_FILE,
-        tokenizer="tokenizer.json" if tokenizer is not None else None,
+        tokenizer=tokenizer,
         preprocessing=asdict(prep),
+        text_padding="max_length" if kind == "siglip" else "longest",
+        pad_token_id=_pad_token_id(src, out / tokenizer if tokenizer else None, model),
+        text_attention="ones" if kind == "siglip" else "mask",
     )
     if verify:
         report.max_abs_error = verify_export(model, prep, out, report, seed=seed)
@@ -416,8 +537,10 @@ def tower_config(
     *,
     flavour: str = "cpu",
     max_batch_size: int = 32,
+    parameters: str = "",
 ) -> str:
-    """config.pbtxt of one exported tower; cpu and gpu differ only in backend and instance kind."""
+    """config.pbtxt of one exported tower; cpu and gpu differ only in backend and instance kind.
+    ``parameters``: extra ``parameters {...}`` lines (the export description, see write_towers)."""
     if tower == "image":
         s = report.image_size
         inputs = f'  {{ name: "IMAGE", data_type: TYPE_UINT8, dims: [ {s}, {s}, 3 ] }}'
@@ -451,6 +574,105 @@ def tower_config(
         f"instance_group [{{ kind: {kind}, count: 1 }}]\n"
         "version_policy: { latest: { num_versions: 1 } }\n"
         f"{extra}"
+        f"{parameters}"
+    )
+
+
+EXPORT_PARAMETER = "stream_guard.export"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_parameter(report: ExportReport, tower: str, digest: str) -> str:
+    """The export described in a Triton config parameter, so a worker reads the preprocessing,
+    temperature and identity of a served tower from Triton alone (no shared files)."""
+    prep = report.preprocessing or {}
+    info = {
+        "tower": tower,
+        "kind": report.kind,
+        "source": report.source,
+        "embed_dim": report.embed_dim,
+        "image_size": report.image_size,
+        "resize": prep.get("resize", "squash"),
+        "resample": prep.get("resample", 3),
+        "logit_scale": report.logit_scale,
+        "logit_bias": report.logit_bias,
+        "max_text_length": report.max_text_length,
+        "sha256": digest,
+    }
+    value = json.dumps(info, separators=(",", ":")).replace("\\", "\\\\").replace('"', '\\"')
+    return f'parameters {{ key: "{EXPORT_PARAMETER}" value: {{ string_value: "{value}" }} }}\n'
+
+
+def _queue(max_queue: int) -> str:
+    return (
+        "dynamic_batching {\n  max_queue_delay_microseconds: 3000\n"
+        + _queue_policy(max_queue)
+        + "}\n"
+    )
+
+
+def tokenizer_config(name: str, report: ExportReport, *, max_batch_size: int = 32) -> str:
+    """The dual text tower's tokenizer (Python, CPU in both flavours): TEXT -> token ids with
+    the padding the model was trained with (see ExportReport.text_padding)."""
+    params = {
+        "max_length": report.max_text_length,
+        "padding": report.text_padding,
+        "pad_id": report.pad_token_id,
+        "attention": report.text_attention,
+    }
+    lines = "".join(
+        f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items()
+    )
+    return (
+        f"# tokenizer of the {report.kind} text tower exported from {report.source}\n"
+        f'name: "{name}"\n'
+        'backend: "python"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        'input [{ name: "TEXT", data_type: TYPE_STRING, dims: [ 1 ] }]\n'
+        "output [\n"
+        '  { name: "INPUT_IDS", data_type: TYPE_INT64, dims: [ -1 ] },\n'
+        '  { name: "ATTENTION_MASK", data_type: TYPE_INT64, dims: [ -1 ] }\n'
+        "]\n"
+        f"{_queue(1024)}"
+        "instance_group [{ kind: KIND_CPU, count: 1 }]\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        f"{lines}"
+    )
+
+
+def embedder_config(
+    name: str, tokenizer: str, encoder: str, report: ExportReport, parameters: str = ""
+) -> str:
+    """``<prefix>_text_embedder``: TEXT -> EMBEDDING through the tokenizer and the text tower,
+    the interface of the MiniLM ``text_encoder`` (the worker sends strings, never token ids)."""
+    return (
+        f"# {report.kind} text tower on raw text: {tokenizer} -> {encoder}\n"
+        f'name: "{name}"\n'
+        'platform: "ensemble"\n'
+        "max_batch_size: 32\n"  # at most its steps' (the towers serve batches of 32)
+        'input [{ name: "TEXT", data_type: TYPE_STRING, dims: [ 1 ] }]\n'
+        f'output [{{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ {report.embed_dim} ] }}]\n'
+        "ensemble_scheduling {\n  step [\n"
+        f'    {{ model_name: "{tokenizer}" model_version: -1\n'
+        '      input_map { key: "TEXT" value: "TEXT" }\n'
+        '      output_map { key: "INPUT_IDS" value: "ids" }\n'
+        '      output_map { key: "ATTENTION_MASK" value: "mask" } },\n'
+        f'    {{ model_name: "{encoder}" model_version: -1\n'
+        '      input_map { key: "INPUT_IDS" value: "ids" }\n'
+        '      input_map { key: "ATTENTION_MASK" value: "mask" }\n'
+        '      output_map { key: "EMBEDDING" value: "EMBEDDING" } }\n'
+        "  ]\n}\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        f"{parameters}"
     )
 
 
@@ -458,19 +680,28 @@ def write_towers(
     export_dir: Path, repo: Path, *, prefix: str | None = None, flavour: str = "cpu"
 ) -> dict[str, str]:
     """Add the exported towers to a model repository as ``<prefix>_image_encoder`` and
-    ``<prefix>_text_encoder`` (prefix defaults to the model kind); returns tower -> model name."""
+    ``<prefix>_text_encoder`` (prefix defaults to the model kind), plus, when the export has a
+    tokenizer, ``<prefix>_text_tokenizer`` and the raw-text tower ``<prefix>_text_embedder``.
+    Returns role -> model name (``image``, ``text``, ``text_tokenizer``, ``text_embedder``)."""
     from stream_guard.build.repository import TEMPLATES
 
     export_dir, repo = Path(export_dir), Path(repo)
     report = ExportReport(**json.loads((export_dir / REPORT_FILE).read_text()))
     prefix = prefix or report.kind
+    digests = {
+        "image": _sha256(export_dir / report.image_onnx),
+        "text": _sha256(export_dir / report.text_onnx),
+    }
+    if report.tokenizer:  # the tokenizer is part of what the text tower means
+        digests["text"] = _sha256_text(digests["text"] + _sha256(export_dir / report.tokenizer))
     names = {}
     for tower, filename in (("image", report.image_onnx), ("text", report.text_onnx)):
         name = f"{prefix}_{tower}_encoder"
         version = repo / name / "1"
         version.mkdir(parents=True, exist_ok=True)
+        param = export_parameter(report, tower, digests[tower])
         (repo / name / "config.pbtxt").write_text(
-            tower_config(name, tower, report, flavour=flavour)  # type: ignore[arg-type]
+            tower_config(name, tower, report, flavour=flavour, parameters=param)  # type: ignore[arg-type]
         )
         shutil.copy(export_dir / filename, version / "model.onnx")
         if flavour == "cpu":
@@ -479,7 +710,34 @@ def write_towers(
             shutil.copy(export_dir / report.tokenizer, version / "tokenizer.json")
         shutil.copy(export_dir / REPORT_FILE, version / REPORT_FILE)
         names[tower] = name
+    if report.tokenizer:
+        names.update(_write_text_embedder(export_dir, repo, report, prefix, digests["text"]))
     return names
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_text_embedder(
+    export_dir: Path, repo: Path, report: ExportReport, prefix: str, digest: str
+) -> dict[str, str]:
+    from stream_guard.build.repository import TEMPLATES
+
+    tokenizer, embedder = f"{prefix}_text_tokenizer", f"{prefix}_text_embedder"
+    (repo / tokenizer / "1").mkdir(parents=True, exist_ok=True)
+    (repo / tokenizer / "config.pbtxt").write_text(tokenizer_config(tokenizer, report))
+    template = TEMPLATES / "cpu" / "dual_text_tokenizer" / "1" / "model.py"
+    shutil.copy(template, repo / tokenizer / "1" / "model.py")
+    shutil.copy(export_dir / str(report.tokenizer), repo / tokenizer / "1" / "tokenizer.json")
+    (repo / embedder / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs one too
+    param = export_parameter(report, "text", digest)
+    (repo / embedder / "config.pbtxt").write_text(
+        embedder_config(embedder, tokenizer, f"{prefix}_text_encoder", report, param)
+    )
+    return {"text_tokenizer": tokenizer, "text_embedder": embedder}
 
 
 # -- tiny checkpoints (tests and smoke runs; no hub here) ------------------------------------

@@ -27,10 +27,13 @@ __all__ = [
     "DecodedImage",
     "DetectorInput",
     "ImageLimits",
+    "RESAMPLE",
     "SUPPORTED_FORMATS",
+    "TowerInput",
     "decode_image",
     "header_dimensions",
     "preprocess_for_detector",
+    "preprocess_for_tower",
     "sniff_format",
 ]
 
@@ -567,3 +570,67 @@ def _take(a: np.ndarray, idx: np.ndarray, *, axis: int, limit: int) -> np.ndarra
         else:
             taken[:, outside] = 0
     return taken
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-tower preprocessing (exported CLIP / SigLIP encoders)
+
+# Pillow filters by the numbers Hugging Face processor configs use for ``resample``.
+RESAMPLE: dict[int, Image.Resampling] = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class TowerInput:
+    """How an exported image tower wants its pixels (from its export.json / Triton config).
+
+    ``resize``: ``squash`` resizes straight to ``size`` x ``size`` (SigLIP's processor);
+    ``shortest_edge`` resizes the shorter side to ``size`` keeping the aspect ratio, then takes
+    the centre ``size`` x ``size`` crop (CLIP's processor). Rescaling and mean/std normalisation
+    are inside the exported graph, so the tower receives uint8.
+    """
+
+    size: int
+    resize: str = "squash"
+    resample: int = 3
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"TowerInput.size must be >= 1, got {self.size}")
+        if self.resize not in ("squash", "shortest_edge"):
+            raise ValueError(f"TowerInput.resize must be squash or shortest_edge: {self.resize!r}")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"TowerInput.resample must be one of {sorted(RESAMPLE)}")
+
+
+def preprocess_for_tower(rgb: np.ndarray, tower: TowerInput) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 [size, size, 3] as the model's Hugging Face image processor
+    resizes and crops it (PIL resize with the processor's filter; HF's output-size and centre
+    crop arithmetic)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if min(h, w) == 0:
+        raise ValueError(f"empty image {rgb.shape}")
+    s = tower.size
+    if tower.resize == "squash":
+        target = (s, s)
+    else:  # transformers' get_resize_output_image_size(default_to_square=False)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)
+        target = (s, new_long) if w <= h else (new_long, s)
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    if im.size != target:
+        im = im.resize(target, RESAMPLE[tower.resample])
+    out = np.asarray(im, dtype=np.uint8)
+    if out.shape[:2] != (s, s):  # transformers' center_crop: offsets rounded down
+        top = (out.shape[0] - s) // 2
+        left = (out.shape[1] - s) // 2
+        out = out[top : top + s, left : left + s]
+    return np.ascontiguousarray(out)

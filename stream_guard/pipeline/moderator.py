@@ -5,6 +5,13 @@ testable on its own. Per record the outcome is a final verdict, a provisional ve
 escalation, or a dead letter. Permanent errors (bad event, missing object, hostile image) end
 that one record in the DLQ; transient errors (S3 or Triton down) raise, and the agent retries
 the whole batch later without acking anything.
+
+Each image is decoded once and prepared for every model that reads it: the detector's 320 px
+square, the OCR model's capped size (``ocr: true`` policies), and the exported image tower's
+input (policies with an image head: the tower's size and resize rule, read from Triton). With
+an image head, an upload's image evidence is its worst image under the policy's image head
+(image and caption embeddings from the dual encoder), and each category's score is the higher
+of the text head's and the image head's.
 """
 
 from __future__ import annotations
@@ -18,23 +25,33 @@ from dataclasses import dataclass, field
 import numpy as np
 from opentelemetry.trace import SpanKind
 
-from stream_guard.errors import PermanentError
+from stream_guard.errors import PermanentError, TransientError
 from stream_guard.events import UploadEvent
-from stream_guard.media.storage import ObjectStore
+from stream_guard.media.storage import ByteBudget, ObjectStore
 from stream_guard.observability import extract, inject, tracer
-from stream_guard.pipeline.decide import dead_letter, decide, parse_upload
+from stream_guard.pipeline.decide import dead_letter, decide, parse_upload, unexpected
 from stream_guard.pipeline.records import Record, Result
 from stream_guard.policy.model import IMAGE_SIGNALS
 from stream_guard.policy.registry import ActiveHead, PolicyRegistry
 from stream_guard.settings import Settings
-from stream_guard.text import segments, windows
-from stream_guard.triton import EMBED_DIM, N_SIGNALS, GuardModels
+from stream_guard.text import image_text_segments, segments
+from stream_guard.triton import N_SIGNALS, GuardModels
 
 __all__ = [
     "Moderator",
+    "PreparedImage",
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One decoded image as each model wants it (``None``: that model does not read it)."""
+
+    detector: np.ndarray
+    tower: np.ndarray | None = None
+    ocr: np.ndarray | None = None
 
 
 @dataclass
@@ -43,6 +60,8 @@ class _Item:
     upload: UploadEvent
     head: ActiveHead
     images: list[np.ndarray] = field(default_factory=list)
+    tower_images: list[np.ndarray] = field(default_factory=list)  # policies with an image head
+    image_scores: np.ndarray | None = None  # the image head's scores (max over the images)
     trace_headers: dict[str, bytes] = field(default_factory=dict)
     signals: np.ndarray | None = None
     ocr_images: list[np.ndarray] = field(default_factory=list)  # only for `ocr: true` policies
@@ -52,14 +71,24 @@ class _Item:
     truncated: bool = False
 
 
-def _head_rows(group: list[_Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _take_images(item: _Item, loaded: Sequence[PreparedImage]) -> None:
+    item.images = [d.detector for d in loaded]
+    item.tower_images = [d.tower for d in loaded if d.tower is not None]
+    item.ocr_images = [d.ocr for d in loaded if d.ocr is not None]
+
+
+async def _none() -> None:
+    return None
+
+
+def _head_rows(group: list[_Item], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The head's input rows for a group: one row per text segment (zero embedding for an item
     without text), image signals on each item's first row only; ``owner`` maps rows to items."""
     embs, sigs, owner = [], [], []
     for n, i in enumerate(group):
         item_embs = i.embeddings if i.embeddings is not None and len(i.embeddings) else None
         if item_embs is None:
-            item_embs = np.zeros((1, EMBED_DIM), np.float32)
+            item_embs = np.zeros((1, width), np.float32)
         for k, e in enumerate(item_embs):
             embs.append(e)
             sigs.append(i.signals if k == 0 else np.zeros(N_SIGNALS, np.float32))
@@ -78,23 +107,34 @@ class Moderator:
         self.store = store
         self.registry = registry
         self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
+        self._buffered = ByteBudget(settings.media.max_buffered_bytes)
 
-    async def _load_image(self, ref, ocr: bool = False):
-        with tracer().start_as_current_span("s3 get", kind=SpanKind.CLIENT) as span:
-            span.set_attribute("s3.uri", ref.uri)
-            obj = await self.store.fetch(ref)
-        loop = asyncio.get_running_loop()
-        with tracer().start_as_current_span("image decode"):
-            return await loop.run_in_executor(
-                self._decode_pool,
-                self._decode,
-                obj.data,
-                ref.content_type or obj.content_type,
-                ocr,
-            )
+    async def _load_image(self, ref, ocr: bool = False, tower=None) -> PreparedImage:
+        # Fetched bytes wait for the decode pool; the budget bounds them in bytes, not count.
+        async with self._buffered.reserve(self.settings.s3.max_object_bytes):
+            with tracer().start_as_current_span("s3 get", kind=SpanKind.CLIENT) as span:
+                span.set_attribute("s3.uri", ref.uri)
+                obj = await self.store.fetch(ref)
+            loop = asyncio.get_running_loop()
+            with tracer().start_as_current_span("image decode"):
+                return await loop.run_in_executor(
+                    self._decode_pool,
+                    self._decode,
+                    obj.data,
+                    ref.content_type or obj.content_type,
+                    ocr,
+                    tower,
+                )
 
-    def _decode(self, data: bytes, content_type: str | None, ocr: bool = False):
-        from stream_guard.media.decode import ImageLimits, decode_image, preprocess_for_detector
+    def _decode(
+        self, data: bytes, content_type: str | None, ocr: bool = False, tower=None
+    ) -> PreparedImage:
+        from stream_guard.media.decode import (
+            ImageLimits,
+            decode_image,
+            preprocess_for_detector,
+            preprocess_for_tower,
+        )
 
         m = self.settings.media
         limits = ImageLimits(
@@ -104,12 +144,14 @@ class Moderator:
             max_frames=m.max_frames,
         )
         image = decode_image(data, content_type=content_type, limits=limits)
-        prepared = preprocess_for_detector(image.rgb).image
+        detector = preprocess_for_detector(image.rgb).image
+        sized = preprocess_for_tower(image.rgb, tower) if tower is not None else None
+        read = None
         if ocr:  # the OCR model reads the image near its own resolution, not the 320px thumbnail
             from stream_guard.triton import prepare_for_ocr
 
-            return prepared, prepare_for_ocr(image.rgb)
-        return prepared
+            read = prepare_for_ocr(image.rgb)
+        return PreparedImage(detector, sized, read)
 
     async def _prepare(self, record: Record) -> _Item | Result:
         # One span per upload, child of the producer's context: one trace per upload.
@@ -135,25 +177,76 @@ class Moderator:
                 record, upload, self.registry.for_tenant(upload.tenant_id), trace_headers=headers
             )
             ocr = item.head.policy.ocr
+            tower = item.head.image.guard.tower_input() if item.head.image else None
             try:
-                loaded = await asyncio.gather(*(self._load_image(r, ocr) for r in upload.images))
-                item.images = [d[0] for d in loaded] if ocr else list(loaded)
-                item.ocr_images = [d[1] for d in loaded] if ocr else []
+                loaded = await asyncio.gather(
+                    *(self._load_image(r, ocr, tower) for r in upload.images)
+                )
+                _take_images(item, loaded)
             except PermanentError as e:
                 span.set_attribute("stream_guard.error_code", str(e.code))
                 return dead_letter(record, e, upload.upload_id, headers=headers)
             return item
 
     async def process(self, records: Sequence[Record]) -> list[Result]:
-        prepared = await asyncio.gather(*(self._prepare(r) for r in records))
+        """One Result per record. Transient errors raise (the agent retries the batch); any
+        other error stays with its record as a dead letter."""
+        prepared = await asyncio.gather(*(self._prepare_one(r) for r in records))
         items = [p for p in prepared if isinstance(p, _Item)]
-        if items:
-            scored = await self._score(items)
+        scored, failed = await self._score_isolating(items) if items else ({}, {})
         results: list[Result] = []
         with tracer().start_as_current_span("policy decide"):
             for p in prepared:
-                results.append(p if isinstance(p, Result) else self._decide(p, scored[id(p)]))
+                if isinstance(p, Result):
+                    results.append(p)
+                elif id(p) in failed:
+                    results.append(failed[id(p)])
+                else:
+                    results.append(self._decide_one(p, scored[id(p)]))
         return results
+
+    async def _prepare_one(self, record: Record) -> _Item | Result:
+        try:
+            return await self._prepare(record)
+        except TransientError:
+            raise
+        except Exception as e:
+            return unexpected(record, e, "prepare")
+
+    def _decide_one(self, item: _Item, scores: np.ndarray) -> Result:
+        try:
+            return self._decide(item, scores)
+        except Exception as e:
+            return unexpected(item.record, e, "decide")
+
+    async def _score_isolating(
+        self, items: list[_Item]
+    ) -> tuple[dict[int, np.ndarray], dict[int, Result]]:
+        """Score the batch at once; if Triton refuses it (or anything unforeseen happens), score
+        each upload alone so only the one it is about is dead-lettered."""
+        try:
+            return await self._score(items), {}
+        except TransientError:
+            raise
+        except Exception as e:
+            if len(items) == 1:
+                return {}, {id(items[0]): self._failure(items[0], e)}
+        scored: dict[int, np.ndarray] = {}
+        failed: dict[int, Result] = {}
+        for item in items:
+            try:
+                scored.update(await self._score([item]))
+            except TransientError:
+                raise
+            except Exception as e:
+                failed[id(item)] = self._failure(item, e)
+        return scored, failed
+
+    @staticmethod
+    def _failure(item: _Item, e: Exception) -> Result:
+        if isinstance(e, PermanentError):
+            return dead_letter(item.record, e, item.upload.upload_id, item.trace_headers)
+        return unexpected(item.record, e, "score")
 
     async def _score(self, items: list[_Item]) -> dict[int, np.ndarray]:
         """Scores per item: every text segment (windows, normalised forms, image text) is a row
@@ -167,7 +260,7 @@ class Moderator:
             for i in items:
                 segs = segments(i.upload.text, budget)
                 i.truncated = segs.truncated
-                i.texts = segs.texts + (windows(i.ocr_text) if i.ocr_text else [])
+                i.texts = segs.texts + (image_text_segments(i.ocr_text) if i.ocr_text else [])
             texts = [t for i in items for t in i.texts]
             with tracer().start_as_current_span("triton infer text_encoder", kind=SpanKind.CLIENT):
                 return await self.models.embed_texts(texts)
@@ -180,7 +273,7 @@ class Moderator:
                     np.stack(all_images) if all_images else np.zeros((0,))
                 )
 
-        embeddings, signals = await asyncio.gather(embed(), detect())
+        embeddings, signals, _ = await asyncio.gather(embed(), detect(), self._judge_images(items))
         start = 0
         for i in items:
             n = len(i.images)
@@ -193,17 +286,55 @@ class Moderator:
         for i in items:
             i.embeddings = embeddings[start : start + len(i.texts)]
             start += len(i.texts)
+        scores = await self._text_scores(items)
+        for i in items:  # a category is as unsafe as its worst evidence, text or image
+            if i.image_scores is not None:
+                scores[id(i)] = np.maximum(scores[id(i)], i.image_scores)
+        return scores
+
+    async def _text_scores(self, items: list[_Item]) -> dict[int, np.ndarray]:
+        """The policies' heads over the items' text rows (and detector signals)."""
         groups: dict[tuple[str, int], list[_Item]] = {}
         for i in items:
             groups.setdefault((i.head.model_name, i.head.version), []).append(i)
         scores: dict[int, np.ndarray] = {}
         for (model, version), group in groups.items():
-            rows_emb, rows_sig, owner = _head_rows(group)
+            rows_emb, rows_sig, owner = _head_rows(group, self.models.embed_width)
             with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
                 out = await self.models.score(model, version, rows_emb, rows_sig)
             for n, i in enumerate(group):
                 scores[id(i)] = out[owner == n].max(axis=0)
         return scores
+
+    async def _judge_images(self, items: list[_Item]) -> None:
+        """The image heads: each image of an upload is a row, with the upload's text embedded by
+        the same dual encoder as its caption (zeros without text); sets ``image_scores``."""
+        wanted = [i for i in items if i.head.image is not None and i.tower_images]
+        if not wanted:
+            return
+        texts = [i.upload.text.joined() for i in wanted]
+        captioned = [t for t in texts if t]
+        with tracer().start_as_current_span("triton infer image_tower", kind=SpanKind.CLIENT):
+            image_emb, caption_emb = await asyncio.gather(
+                self.models.embed_images(np.stack([g for i in wanted for g in i.tower_images])),
+                self.models.embed_image_texts(captioned) if captioned else _none(),
+            )
+        dim = image_emb.shape[1]
+        by_text = iter(caption_emb if caption_emb is not None else [])
+        caps = [next(by_text) if t else np.zeros(dim, np.float32) for t in texts]
+        groups: dict[tuple[str, int], list[int]] = {}
+        for n, i in enumerate(wanted):
+            assert i.head.image is not None
+            groups.setdefault((i.head.image.model_name, i.head.image.version), []).append(n)
+        starts = np.cumsum([0] + [len(i.tower_images) for i in wanted])
+        for (model, version), members in groups.items():
+            rows = [r for n in members for r in range(starts[n], starts[n + 1])]
+            owner = np.repeat(members, [len(wanted[n].tower_images) for n in members])
+            cap_rows = np.stack([caps[n] for n in owner])
+            with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
+                out = await self.models.image_scores(model, version, image_emb[rows], cap_rows)
+            for n in members:
+                wanted[n].image_scores = out[owner == n].max(axis=0)
 
     async def _read_image_text(self, items: list[_Item]) -> None:
         """OCR through Triton for the uploads whose policy has `ocr: true` (only they carry
@@ -226,6 +357,8 @@ class Moderator:
 
     def _decide(self, item: _Item, scores: np.ndarray) -> Result:
         signals = item.signals if item.signals is not None else np.zeros(N_SIGNALS, np.float32)
+        image = item.head.image
+        image_models = image.models() if image and item.image_scores is not None else None
         return decide(
             item.record,
             item.upload,
@@ -237,17 +370,28 @@ class Moderator:
             ocr_text=item.ocr_text,
             headers=item.trace_headers,
             truncated=item.truncated,
+            image_models=image_models,
         )
 
-    async def judge(self, upload: UploadEvent, images: list[np.ndarray]) -> Result:
-        """Score one upload whose images are already decoded (the `moderate` CLI path)."""
+    async def judge(
+        self, upload: UploadEvent, images: Sequence[np.ndarray | PreparedImage]
+    ) -> Result:
+        """Score one upload whose images are already decoded (the `moderate` CLI and `eval`
+        path): ``decode_local``'s output, or bare detector inputs."""
         record = Record(upload.upload_id.encode(), upload.to_bytes(), "<local>", 0, 0)
-        item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id), images)
+        item = _Item(record, upload, self.registry.for_tenant(upload.tenant_id))
+        prepared = [i if isinstance(i, PreparedImage) else PreparedImage(i) for i in images]
+        _take_images(item, prepared)
+        if item.head.image is None:
+            item.tower_images = []
         scores = await self._score([item])
         return self._decide(item, scores[id(item)])
 
-    def decode_local(self, data: bytes, content_type: str | None = None) -> np.ndarray:
-        return self._decode(data, content_type)
+    def decode_local(self, data: bytes, content_type: str | None = None) -> PreparedImage:
+        """Decode and prepare one image for ``judge`` (the image tower's input too, when an
+        image guard is served)."""
+        guard = self.models.known_image_guard
+        return self._decode(data, content_type, False, guard.tower_input() if guard else None)
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,11 +1,12 @@
 """The policies a worker serves, kept in step with their files.
 
 At start every configured policy file is loaded and its head made ready on Triton (retrying
-while Triton is down); afterwards ``reload`` checks each file's modification time, and only a
-changed file is parsed and, if its content changed, compiled into a new head version. Parsing
-and compiling run off the event loop. Two different files that declare the same ``policy_id``
-are refused at load: heads are named by policy id, so one tenant would be scored under the
-other's policy and the two would flip on every reload.
+while Triton is down), with its image head when an image guard is configured; afterwards
+``reload`` checks each file's modification time, and only a changed file is parsed and, if its
+content changed, compiled into new head versions. Parsing and compiling run off the event
+loop. Two different files that declare the same ``policy_id`` are refused at load: heads are
+named by policy id, so one tenant would be scored under the other's policy and the two would
+flip on every reload.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 from stream_guard import observability as obs
 from stream_guard.errors import ConfigError, TransientError
+from stream_guard.media.storage import ObjectStore
 from stream_guard.policy.heads import ensure_head
+from stream_guard.policy.image_head import image_head_examples
+from stream_guard.policy.image_heads import ensure_image_head
 from stream_guard.policy.model import Policy, load_policy
 from stream_guard.policy.registry import ActiveHead, PolicyRegistry
 from stream_guard.retry import backoff_delays
@@ -71,6 +75,14 @@ class LivePolicies:
 
     async def _ensure(self, policy: Policy) -> ActiveHead:
         t = self.settings.triton
+        if any(u.startswith("s3://") for u in image_head_examples(policy)):
+            # Example images on S3 need the worker's object store: compile the image head with
+            # it first; ensure_head then finds that version.
+            store = ObjectStore(self.settings.s3)
+            try:
+                await ensure_image_head(policy, self.models, repo=t.model_repository, store=store)
+            finally:
+                store.close()
         return await ensure_head(policy, self.models, prefix=t.head_model, repo=t.model_repository)
 
     async def start(self) -> None:

@@ -92,9 +92,40 @@ class Category(_Strict):
     image_signals: list[str] = Field(
         default_factory=list, description="detector classes that evidence this category"
     )
+    text_signals: list[str] = Field(
+        default_factory=list,
+        description="text classifier outputs served beside the text tower that evidence this "
+        "category (checked against the served tower when the head is compiled)",
+    )
+    image_descriptions: list[str] = Field(
+        default_factory=list,
+        description="what a violating image shows, in words: zero-shot prototypes embedded by "
+        "the image guard's text tower (needs an exported CLIP/SigLIP image tower)",
+    )
+    image_negative_descriptions: list[str] = Field(
+        default_factory=list,
+        description="benign images that look alike (counter-prototypes of this category)",
+    )
+    image_examples: list[str] = Field(
+        default_factory=list,
+        description="violating example images (s3:// URIs or paths relative to the policy "
+        "file): few-shot prototypes embedded by the image tower",
+    )
+    image_negative_examples: list[str] = Field(
+        default_factory=list, description="benign example images (few-shot counter-prototypes)"
+    )
     thresholds: Thresholds | None = None
 
-    @field_validator("examples", "negative_examples", "keywords")
+    @field_validator(
+        "examples",
+        "negative_examples",
+        "keywords",
+        "text_signals",
+        "image_descriptions",
+        "image_negative_descriptions",
+        "image_examples",
+        "image_negative_examples",
+    )
     @classmethod
     def _non_blank(cls, v: list[str]) -> list[str]:
         if any(not s.strip() for s in v):
@@ -109,6 +140,20 @@ class Category(_Strict):
             raise ValueError(f"unknown image signals {unknown}; known: {list(IMAGE_SIGNALS)}")
         return v
 
+    @model_validator(mode="after")
+    def _examples_need_words(self) -> Category:
+        if (self.image_examples or self.image_negative_examples) and not self.image_descriptions:
+            raise ValueError(
+                "image_examples refine image_descriptions: describe the violating images in "
+                "words too (image_descriptions)"
+            )
+        return self
+
+    @property
+    def has_image_evidence(self) -> bool:
+        """Judged on images by the image guard (an exported CLIP/SigLIP tower)."""
+        return bool(self.image_descriptions)
+
 
 class Policy(_Strict):
     policy_id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")
@@ -118,6 +163,10 @@ class Policy(_Strict):
     ocr: bool = Field(default=False, description="add text read from images to the upload text")
     safe_examples: list[str] = Field(
         default_factory=list, description="benign text every category is contrasted with"
+    )
+    image_safe_descriptions: list[str] = Field(
+        default_factory=list,
+        description="benign images every image category is contrasted with, in words",
     )
     categories: list[Category] = Field(min_length=1)
     pack: str | None = Field(
@@ -134,6 +183,30 @@ class Policy(_Strict):
         if dupes:
             raise ValueError(f"duplicate category codes: {dupes}")
         return self
+
+    @model_validator(mode="after")
+    def _image_alternatives(self) -> Policy:
+        # Image evidence is a choice between what a category's images show and what benign
+        # images show: without any benign description every image would match.
+        alone = [
+            c.code
+            for c in self.categories
+            if c.image_descriptions
+            and not c.image_negative_descriptions
+            and not self.image_safe_descriptions
+        ]
+        if alone:
+            raise ValueError(
+                f"categories {alone} have image_descriptions but nothing to contrast them with: "
+                "add image_negative_descriptions (benign look-alikes) or the policy's "
+                "image_safe_descriptions"
+            )
+        return self
+
+    @property
+    def image_codes(self) -> list[str]:
+        """Codes of the categories judged on images by the image guard."""
+        return [c.code for c in self.categories if c.has_image_evidence]
 
     @property
     def codes(self) -> list[str]:
@@ -181,6 +254,7 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise PolicyError(f"{source}: invalid policy: {problems}") from e
+    policy = _resolve_image_examples(policy, base, source)
     if policy.pack is None:
         return policy
     from stream_guard.policy.packs import pack_digest, pack_dir
@@ -191,6 +265,35 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
     # The pack is part of what the head is compiled from: its content is in the version too.
     digest = hashlib.sha256((data["digest"] + pack_digest(directory)).encode()).hexdigest()
     return policy.model_copy(update={"pack": str(directory), "digest": digest})
+
+
+def _resolve_image_examples(policy: Policy, base: Path | None, source: str) -> Policy:
+    """Example images as absolute paths or s3:// URIs; local files' bytes join the digest, so
+    replacing an example image recompiles the image head like an edit of the policy text."""
+    if not any(c.image_examples or c.image_negative_examples for c in policy.categories):
+        return policy
+    digest = hashlib.sha256(policy.digest.encode())
+    categories = []
+    for cat in policy.categories:
+        fields = {}
+        for name in ("image_examples", "image_negative_examples"):
+            resolved = []
+            for uri in getattr(cat, name):
+                if uri.startswith("s3://"):
+                    resolved.append(uri)
+                    digest.update(uri.encode())
+                    continue
+                path = Path(uri) if Path(uri).is_absolute() or base is None else base / uri
+                try:
+                    digest.update(path.read_bytes())
+                except OSError as e:
+                    raise PolicyError(
+                        f"{source}: category {cat.code}: cannot read example image {uri}: {e}"
+                    ) from e
+                resolved.append(str(path.resolve()))
+            fields[name] = resolved
+        categories.append(cat.model_copy(update=fields))
+    return policy.model_copy(update={"categories": categories, "digest": digest.hexdigest()})
 
 
 def load_policy(path: Path) -> Policy:

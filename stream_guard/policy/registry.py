@@ -7,13 +7,40 @@ one tenant's upload can never be judged by another tenant's policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stream_guard.policy.model import Policy
 
+if TYPE_CHECKING:
+    from stream_guard.triton import ImageGuard
+
 __all__ = [
     "ActiveHead",
+    "ImageHead",
     "PolicyRegistry",
 ]
+
+
+@dataclass(frozen=True)
+class ImageHead:
+    """The policy's image head and the dual-encoder towers it was compiled against."""
+
+    model_name: str
+    version: int
+    guard: ImageGuard
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.model_name}:{self.version}"
+
+    def models(self) -> list[tuple[str, str, str]]:
+        """(role, model name, version) of each model an image's evidence passed through."""
+        g = self.guard
+        return [
+            ("image_tower", g.image.name, g.image.version),
+            ("image_text_tower", g.text.name, g.text.version),
+            ("image_head", self.model_name, str(self.version)),
+        ]
 
 
 @dataclass(frozen=True)
@@ -21,6 +48,8 @@ class ActiveHead:
     policy: Policy
     model_name: str
     version: int
+    image: ImageHead | None = None  # set when an image guard is served and the policy has
+    # categories with image_descriptions
 
     @property
     def model_version(self) -> str:

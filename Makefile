@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint chaos bench eval clean
+.PHONY: help install demo test test-all lint chaos soak bench eval clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
+	bash tools/system-deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
 	$(BIN)/pip install -q -e '.[local,dev,export,eval]'
@@ -35,6 +36,9 @@ test: $(STAMP) ## Run the test suite (unit + integration on the real local stack
 
 chaos: $(STAMP) ## Crash-safety chaos run (SIGKILL workers on durable broker storage)
 	$(BIN)/python -m benchmarks.chaos
+
+soak: $(STAMP) ## Hostile soak: 1,000 hostile events + 1,000 uploads through real workers
+	$(BIN)/python -m benchmarks.soak
 
 bench: $(STAMP) ## End-to-end benchmark vs bare Triton ceiling and a naive consumer
 	$(BIN)/python -m benchmarks.e2e

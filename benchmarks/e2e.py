@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from stream_guard.dev.signals import Interrupted, stop_on_signals
 from stream_guard.dev.stack import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -244,6 +245,10 @@ def run_naive(bench: Bench) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+    except BaseException:  # a stop signal: the naive consumer is no child `stop_on_signals` knows
+        proc.kill()
+        proc.wait(5)
+        raise
     finally:
         bench.extra_roots.pop("naive", None)
     metered = meter.finish()
@@ -728,4 +733,12 @@ def run_sweep(bench: Bench) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Started in the background a harness has SIGINT ignored and SIGTERM would skip `finally`:
+    # both (and SIGHUP) now unwind and stop every worker, the naive consumer, broker, S3, Triton.
+    with stop_on_signals():
+        try:
+            code = main()
+        except Interrupted as e:
+            log(f"{e.signame}: benchmark stopped, nothing recorded")
+            code = 128 + e.signum
+    sys.exit(code)

@@ -166,7 +166,18 @@ def _print_record(uid: str, rec: dict, topics) -> None:
 
 
 def run_demo(*, with_reasoning: bool = True, state: Path | None = None) -> int:
-    state = state or STATE_DIR / "demo"
+    """The demo; Ctrl-C, SIGTERM or SIGHUP stop it and everything it started."""
+    from stream_guard.dev.signals import Interrupted, stop_on_signals
+
+    with stop_on_signals():
+        try:
+            return _run_demo(with_reasoning, state or STATE_DIR / "demo")
+        except Interrupted as e:
+            print(f"\n{e.signame}: stopping the demo and its stack", flush=True)
+            return 128 + e.signum
+
+
+def _run_demo(with_reasoning: bool, state: Path) -> int:
     if with_reasoning:
         try:
             from stream_guard.agents import reasoning  # noqa: F401

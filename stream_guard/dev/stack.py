@@ -12,24 +12,27 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from stream_guard.dev.processes import Process, spawn
+from stream_guard.dev.signals import STOPPING, Interrupted
+from stream_guard.dev.state import Component
 from stream_guard.policy.model import Policy, load_policy
 from stream_guard.settings import DEFAULT_POLICY
 
 __all__ = [
     "ACCESS_KEY",
     "LocalStack",
+    "OnSpawn",
     "Process",
     "SECRET_KEY",
     "SITE",
@@ -62,18 +65,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+OnSpawn = Callable[[Process], None]
+
+
+def _wait(check, what: str, timeout: float, proc: Process) -> None:
+    """Wait for ``check()``; on failure (or a stop signal) stop ``proc`` and raise."""
+    try:
+        _poll(check, what, timeout, proc)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def _poll(check, what: str, timeout: float, proc: Process) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode}; see its log")
+        if STOPPING.is_set():  # a stop signal: threads waiting here give up at once
+            raise Interrupted(15)
+        if proc.popen.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with code {proc.popen.returncode}; see {proc.log_path}"
+            )
         try:
             if check():
                 return
         except Exception:  # not up yet
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s; see {proc.log_path}")
 
 
 def _port_open(port: int) -> bool:
@@ -82,43 +101,15 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
 def _spawn(
-    name: str, cmd: Sequence[str], state: Path, env: dict[str, str] | None = None
+    name: str,
+    cmd: Sequence[str],
+    state: Path,
+    env: dict[str, str] | None = None,
+    on_spawn: OnSpawn | None = None,
+    shm_prefix: str | None = None,
 ) -> Process:
-    state.mkdir(parents=True, exist_ok=True)
-    log_path = state / f"{name}.log"
-    fh = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    popen = subprocess.Popen(
-        list(cmd),
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
-    fh.close()
-    return Process(name, popen, log_path)
+    return spawn(name, cmd, state, env, shm_prefix=shm_prefix, on_spawn=on_spawn)
 
 
 # -- Kafka (Tansu) -------------------------------------------------------------------------
@@ -134,7 +125,12 @@ def tansu_binary() -> Path:
 
 
 def start_broker(
-    state: Path, port: int, *, storage: str = "memory://tansu/", env: dict[str, str] | None = None
+    state: Path,
+    port: int,
+    *,
+    storage: str = "memory://tansu/",
+    env: dict[str, str] | None = None,
+    on_spawn: OnSpawn | None = None,
 ) -> Process:
     url = f"tcp://127.0.0.1:{port}"
     proc = _spawn(
@@ -151,8 +147,9 @@ def start_broker(
         ],
         state,
         env,
+        on_spawn,
     )
-    _wait(lambda: _port_open(port), "Kafka broker (tansu)", 30, proc.popen)
+    _wait(lambda: _port_open(port), "Kafka broker (tansu)", 30, proc)
     return proc
 
 
@@ -175,17 +172,18 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -
 # -- S3 (moto) -----------------------------------------------------------------------------
 
 
-def start_s3(state: Path, port: int) -> Process:
+def start_s3(state: Path, port: int, *, on_spawn: OnSpawn | None = None) -> Process:
     proc = _spawn(
         f"moto-{port}",
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         state,
+        on_spawn=on_spawn,
     )
     _wait(
         lambda: httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1).status_code < 500,
         "S3 server (moto)",
         30,
-        proc.popen,
+        proc,
     )
     return proc
 
@@ -241,8 +239,18 @@ class TritonPorts:
     metrics: int
 
 
-def start_triton(state: Path, repo: Path, ports: TritonPorts, models: Sequence[str]) -> Process:
+def start_triton(
+    state: Path,
+    repo: Path,
+    ports: TritonPorts,
+    models: Sequence[str],
+    *,
+    on_spawn: OnSpawn | None = None,
+) -> Process:
     binary = SITE / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+    # A prefix of our own for the Python backend's shared-memory regions: after a hard death
+    # they stay in /dev/shm, and only this prefix tells ours from another server's.
+    shm_prefix = f"stream_guard_{uuid.uuid4().hex[:12]}_"
     cmd = [
         str(binary),
         f"--model-repository={repo}",
@@ -257,27 +265,31 @@ def start_triton(state: Path, repo: Path, ports: TritonPorts, models: Sequence[s
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
         "--log-verbose=0",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
     ] + [f"--load-model={m}" for m in models]
-    proc = _spawn(f"tritonserver-{ports.grpc}", cmd, state, triton_env())
+    proc = _spawn(f"tritonserver-{ports.grpc}", cmd, state, triton_env(), on_spawn, shm_prefix)
     url = f"http://127.0.0.1:{ports.http}/v2/health/ready"
-    _wait(lambda: httpx.get(url, timeout=1).status_code == 200, "Triton server", 180, proc.popen)
+    _wait(lambda: httpx.get(url, timeout=1).status_code == 200, "Triton server", 180, proc)
     return proc
 
 
 # -- reasoning server (llama.cpp) ----------------------------------------------------------
 
 
-def start_reasoning_server(state: Path, port: int) -> Process:
+def start_reasoning_server(state: Path, port: int, *, on_spawn: OnSpawn | None = None) -> Process:
     from stream_guard.reasoning.server import llama_server_command, smollm2_gguf_path
 
     proc = _spawn(
-        f"llama-{port}", llama_server_command(port, smollm2_gguf_path(), n_ctx=4096), state
+        f"llama-{port}",
+        llama_server_command(port, smollm2_gguf_path(), n_ctx=4096),
+        state,
+        on_spawn=on_spawn,
     )
     _wait(
         lambda: httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200,
         "reasoning server (llama.cpp)",
         120,
-        proc.popen,
+        proc,
     )
     return proc
 
@@ -301,6 +313,8 @@ class LocalStack:
     )
     reasoning_port: int = field(default_factory=free_port)
     processes: dict[str, Process] = field(default_factory=dict)
+    # Told about each component as soon as its process exists (the state file of `stack up`).
+    on_component: Callable[[Component], None] | None = field(default=None, repr=False)
 
     @property
     def bootstrap(self) -> str:
@@ -339,17 +353,42 @@ class LocalStack:
             env["STREAM_GUARD_REASONING__BASE_URL"] = self.reasoning_url
         return env
 
+    def components(self) -> dict[str, tuple[str, dict[str, int], str | None]]:
+        """Per component: a command-line marker its processes share, its ports, a health URL."""
+        t = self.triton
+        return {
+            "kafka": (f"tcp://{self.bootstrap}", {"kafka": self.kafka_port}, None),
+            "s3": (f"-p {self.s3_port}", {"http": self.s3_port}, f"{self.s3_endpoint}/moto-api/"),
+            "triton": (
+                str(self.model_repository),  # tritonserver and each backend stub name it
+                {"grpc": t.grpc, "http": t.http, "metrics": t.metrics},
+                f"http://127.0.0.1:{t.http}/v2/health/ready",
+            ),
+            "reasoning": (
+                f"--port {self.reasoning_port}",
+                {"http": self.reasoning_port},
+                f"{self.reasoning_url}/models",
+            ),
+        }
+
+    def _hook(self, name: str) -> OnSpawn:
+        def spawned(proc: Process) -> None:
+            self.processes[name] = proc  # known before it is ready: stop() covers a slow start
+            if self.on_component is not None:
+                marker, ports, health = self.components()[name]
+                self.on_component(Component.of(name, proc, marker, ports, health))
+
+        return spawned
+
     def start(self) -> LocalStack:
-        from stream_guard.build.repository import build_repository
+        from stream_guard.build.repository import build_repository, ensemble_name
 
         self.state.mkdir(parents=True, exist_ok=True)
         try:
             heads = build_repository(self.model_repository, self.policies)
-            self.processes["kafka"] = start_broker(self.state, self.kafka_port)
-            self.processes["s3"] = start_s3(self.state, self.s3_port)
+            start_broker(self.state, self.kafka_port, on_spawn=self._hook("kafka"))
+            start_s3(self.state, self.s3_port, on_spawn=self._hook("s3"))
             s3_client(self.s3_endpoint).create_bucket(Bucket=self.bucket)
-            from stream_guard.build.repository import ensemble_name
-
             models = [
                 "text_encoder",
                 "image_detector",
@@ -358,12 +397,16 @@ class LocalStack:
             ]
             if (self.model_repository / "ocr").is_dir():  # text in images, for `ocr: true`
                 models.append("ocr")
-            self.processes["triton"] = start_triton(
-                self.state, self.model_repository, self.triton, models
+            start_triton(
+                self.state,
+                self.model_repository,
+                self.triton,
+                models,
+                on_spawn=self._hook("triton"),
             )
             if self.with_reasoning:
-                self.processes["reasoning"] = start_reasoning_server(
-                    self.state, self.reasoning_port
+                start_reasoning_server(
+                    self.state, self.reasoning_port, on_spawn=self._hook("reasoning")
                 )
         except BaseException:
             self.stop()
@@ -418,6 +461,6 @@ def start_worker(
             lambda: httpx.get(url, timeout=1).status_code == 200,
             f"{kind} worker",
             timeout,
-            proc.popen,
+            proc,
         )
     return proc, port

@@ -1,0 +1,79 @@
+"""Plain aiokafka and boto3 clients for the CLI's one-shot commands (submit, tail).
+
+Same broker credentials and TLS as the workers (``settings.kafka``), same S3 endpoint and keys
+(``settings.s3``); the workers' Faust clients live in ``stream_guard/kafka.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stream_guard.settings import KafkaSettings, S3Settings
+
+__all__ = [
+    "kafka_options",
+    "s3_client",
+    "start_kafka_client",
+]
+
+_STACK_HINT = (
+    "check STREAM_GUARD_KAFKA__BOOTSTRAP_SERVERS; for the local stack: `stream-guard stack env`"
+)
+
+
+def kafka_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """aiokafka keyword arguments: bootstrap servers, security protocol, TLS and SASL."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "security_protocol": kafka.security_protocol,
+        "request_timeout_ms": 15_000,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+        )
+    if kafka.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = kafka.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = (
+            kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        )
+    return options
+
+
+async def start_kafka_client(client: Any, kafka: KafkaSettings) -> None:
+    """``client.start()``, or a CliError naming the broker when it cannot be reached."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from stream_guard.cli.failures import CliError, debugging
+
+    if not debugging():  # the error below says it in one line; aiokafka would log it twice
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        await client.start()
+    except KafkaConnectionError as e:
+        await client.stop()
+        raise CliError(f"cannot reach Kafka at {kafka.bootstrap_servers}", _STACK_HINT) from e
+
+
+def s3_client(s3: S3Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    verify: bool | str = str(s3.ca_bundle) if s3.ca_bundle else s3.verify_tls
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=(
+            s3.secret_access_key.get_secret_value() if s3.secret_access_key else None
+        ),
+        verify=verify,
+        config=Config(
+            connect_timeout=s3.timeout_s, read_timeout=s3.timeout_s, retries={"max_attempts": 2}
+        ),
+    )

@@ -24,12 +24,17 @@ __all__ = [
     "EVENT_MODELS",
     "Escalation",
     "Evidence",
+    "HumanReview",
     "ID_PATTERN",
     "ImageRef",
     "MAX_IMAGES",
     "MAX_TEXT_CHARS",
     "Mode",
+    "ModelRef",
+    "MAX_NOTE_CHARS",
     "Reasoning",
+    "ReviewDecision",
+    "ReviewerId",
     "SCHEMA_VERSION",
     "SourceRef",
     "TenantId",
@@ -44,9 +49,17 @@ SCHEMA_VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 MAX_IMAGES = 16
 MAX_TEXT_CHARS = 20_000
+MAX_NOTE_CHARS = 2_000
 
 UploadId = Annotated[str, Field(pattern=ID_PATTERN, description="Platform's id of the upload")]
 TenantId = Annotated[str, Field(pattern=ID_PATTERN, description="Tenant that owns the upload")]
+ReviewerId = Annotated[
+    str,
+    Field(
+        pattern=ID_PATTERN,
+        description="Opaque id of the person who decided (never a name or an e-mail address)",
+    ),
+]
 
 
 class _Event(BaseModel):
@@ -134,6 +147,7 @@ class Decision(StrEnum):
 class Mode(StrEnum):
     FAST = "fast"
     REASONING = "reasoning"
+    HUMAN = "human"  # a reviewer's decision (ReviewDecision) made it final
 
 
 class CategoryScore(_Event):
@@ -153,6 +167,23 @@ class Reasoning(_Event):
     rationale: str = ""
     trust: Literal["override", "advisory"] = "advisory"
     agreed_with_fast: bool | None = None
+
+
+class HumanReview(_Event):
+    """Who settled a reviewed upload, attached to the final verdict a ReviewDecision makes."""
+
+    decision_id: str
+    reviewer: ReviewerId
+    decided_at: datetime
+    note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
+
+
+class ModelRef(_Event):
+    """A served model an upload's evidence passed through, beside the policy's head."""
+
+    role: str = Field(description="image_tower, image_text_tower or image_head")
+    name: str
+    version: str
 
 
 class Verdict(_Event):
@@ -183,12 +214,29 @@ class Verdict(_Event):
         description="true when the upload's text was longer than the per-upload scoring budget "
         "(text.max_segments windows): the rest was not read, and the upload was escalated",
     )
+    review: HumanReview | None = Field(
+        default=None,
+        description="set when a person's ReviewDecision made this verdict (mode human)",
+    )
+    image_models: list[ModelRef] | None = Field(
+        default=None,
+        description="set when the upload's images were judged by the image guard: the exported "
+        "image tower, its text tower and the policy's image head, with their versions",
+    )
 
     @staticmethod
     def make_id(upload_id: str, policy_version: str, mode: Mode, final: bool) -> str:
         """The verdict-id rule: one id per (upload, policy version, mode, final)."""
         raw = f"{upload_id}|{policy_version}|{mode}|{int(final)}".encode()
         return hashlib.sha256(raw).hexdigest()[:32]
+
+    def supersedes(self, other: Verdict) -> bool:
+        """The rule consumers use to keep the newest verdict of an upload under one policy
+        version: a final verdict wins over a provisional one (which a redelivered fast batch
+        may publish again after the final); verdicts of equal finality are identical."""
+        if (self.upload_id, self.policy_version) != (other.upload_id, other.policy_version):
+            raise ValueError("only verdicts of one upload under one policy version compare")
+        return self.final and not other.final
 
     @classmethod
     def issue(cls, **fields: object) -> Verdict:
@@ -217,6 +265,58 @@ class Escalation(_Event):
     upload: UploadEvent
     fast_verdict: Verdict
     evidence: Evidence = Field(default_factory=Evidence)
+
+
+class ReviewDecision(_Event):
+    """Published to ``guard.review.decisions`` (key: upload_id) when a person settles an upload
+    that the reasoning tier sent to ``guard.review``.
+
+    It names the upload and the verdict it settles and carries both as they were shown to the
+    reviewer (``reviewed``, ``upload``), so the worker that turns it into the final verdict and
+    the labelled manifest needs no other lookup: the same decision always makes the same
+    verdict, byte for byte. ``decision`` is allow or block; a block names at least one category
+    of the reviewed verdict's policy, an allow none.
+    """
+
+    schema_version: Literal[1] = 1
+    decision_id: str = Field(pattern=ID_PATTERN, description="unique per decision made")
+    upload_id: UploadId
+    tenant_id: TenantId
+    verdict_id: str = Field(description="verdict_id of the reviewed verdict this settles")
+    policy_id: str
+    policy_version: str
+    decision: Literal[Decision.ALLOW, Decision.BLOCK]
+    categories: list[str] = Field(default_factory=list, description="codes the reviewer chose")
+    reviewer: ReviewerId
+    decided_at: datetime
+    note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
+    reviewed: Verdict = Field(description="the verdict the reviewer saw (from guard.review)")
+    upload: UploadEvent | None = Field(
+        default=None, description="the upload the reviewer saw: its text and image references"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReviewDecision:
+        r = self.reviewed
+        if (r.upload_id, r.verdict_id) != (self.upload_id, self.verdict_id):
+            raise ValueError("reviewed verdict is not the one named by upload_id / verdict_id")
+        if (r.tenant_id, r.policy_id, r.policy_version) != (
+            self.tenant_id,
+            self.policy_id,
+            self.policy_version,
+        ):
+            raise ValueError("tenant / policy of the decision differ from the reviewed verdict")
+        if self.upload is not None and self.upload.upload_id != self.upload_id:
+            raise ValueError("upload.upload_id differs from upload_id")
+        if self.decision == Decision.BLOCK and not self.categories:
+            raise ValueError("a block names at least one category")
+        if self.decision == Decision.ALLOW and self.categories:
+            raise ValueError("an allow names no category")
+        known = {c.code for c in r.categories}
+        unknown = [c for c in self.categories if c not in known]
+        if unknown or len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories must be distinct codes of {sorted(known)}: {unknown}")
+        return self
 
 
 class SourceRef(_Event):
@@ -288,6 +388,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "verdict": Verdict,
     "escalation": Escalation,
     "dead_letter": DeadLetter,
+    "review_decision": ReviewDecision,
 }
 
 

@@ -7,6 +7,7 @@ one onto these groups (``helm/stream-guard/values.yaml`` -> ``config``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,14 @@ __all__ = [
     "PolicySettings",
     "ReasoningSettings",
     "RetrySettings",
+    "ReviewSettings",
     "S3Settings",
     "Settings",
+    "ShadowSettings",
     "TelemetrySettings",
     "TopicSettings",
     "TritonSettings",
+    "load_settings",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -43,6 +47,12 @@ class TopicSettings(_Group):
     escalations: str = "guard.escalations"
     review: str = "guard.review"
     dlq: str = "guard.dlq"
+    review_decisions: str = Field(
+        default="guard.review.decisions", description="ReviewDecision events from reviewers"
+    )
+    shadow_verdicts: str = Field(
+        default="guard.verdicts.shadow", description="verdicts of the shadow (candidate) policy"
+    )
     partitions: int = Field(default=4, ge=1, description="partitions when the stack creates topics")
 
 
@@ -50,6 +60,7 @@ class KafkaSettings(_Group):
     bootstrap_servers: str = "127.0.0.1:9092"
     consumer_group: str = "stream-guard-fast"
     reasoning_group: str = "stream-guard-reasoning"
+    review_group: str = "stream-guard-review"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -77,8 +88,25 @@ class S3Settings(_Group):
 class TritonSettings(_Group):
     url: str = "127.0.0.1:8001"
     text_model: str = "text_encoder"
-    image_model: str = "image_detector"
+    image_model: str = Field(
+        default="image_detector",
+        description="NudeNet detector model (nudity signals); empty: no detector",
+    )
     head_model: str = "guard_head"  # prefix: the head of policy P is <prefix>_<P's policy_id>
+    image_tower: str = Field(
+        default="",
+        description="exported CLIP/SigLIP image tower judging images against the policy's "
+        "image_descriptions (e.g. siglip_image_encoder); empty: none",
+    )
+    image_text_tower: str = Field(
+        default="",
+        description="raw-text tower of the same dual encoder (TEXT -> EMBEDDING); empty: "
+        "<prefix>_text_embedder beside <prefix>_image_encoder",
+    )
+    image_head_model: str = Field(
+        default="guard_image_head",
+        description="prefix: the image head of policy P is <prefix>_<P's policy_id>",
+    )
     model_repository: Path | None = Field(
         default=None, description="repository dir this worker writes new head versions to"
     )
@@ -121,6 +149,9 @@ class MediaSettings(_Group):
     max_side: int = Field(default=16_384, gt=0)
     max_frames: int = Field(default=300, ge=1)
     decode_workers: int = Field(default=2, ge=1)
+    max_buffered_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="fetched image bytes held awaiting decode"
+    )
 
 
 class ReasoningSettings(_Group):
@@ -135,6 +166,40 @@ class ReasoningSettings(_Group):
     rate_limit_per_s: float = Field(default=5.0, gt=0)
     attempts: int = Field(default=3, ge=1)
     max_tokens: int = Field(default=256, ge=16)
+
+
+class ReviewSettings(_Group):
+    manifest: str | None = Field(
+        default=None,
+        description="labelled manifest that reviewer decisions accumulate into: a local folder "
+        "or s3://bucket/prefix (null: none)",
+    )
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8090, ge=0, le=65535)
+    reviewer_header: str = Field(
+        default="X-Forwarded-User",
+        description="request header an authenticating proxy sets to the reviewer's identity",
+    )
+    require_reviewer_header: bool = Field(
+        default=False,
+        description="refuse decisions without the reviewer header (true behind a proxy; false "
+        "lets the page send a name, for local use)",
+    )
+    queue_index: int = Field(
+        default=20_000, ge=1, description="escalations the console keeps to show their uploads"
+    )
+    image_max_side: int = Field(default=1024, ge=16, description="console image size in pixels")
+
+
+class ShadowSettings(_Group):
+    policy: Path | None = Field(
+        default=None, description="candidate policy scored beside the live one (null: none)"
+    )
+    head_version: int | None = Field(
+        default=None, ge=1, description="pin the candidate's head version (null: by policy)"
+    )
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="share of uploads")
+    max_pending: int = Field(default=4, ge=1, description="batches waiting; more are skipped")
 
 
 class TelemetrySettings(_Group):
@@ -162,8 +227,19 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     reasoning: ReasoningSettings = ReasoningSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    review: ReviewSettings = ReviewSettings()
+    shadow: ShadowSettings = ShadowSettings()
     shutdown_grace_s: float = Field(default=25.0, gt=0)
 
     def as_dict(self) -> dict[str, Any]:
         """Settings for logs and `stream-guard config`: secrets are masked."""
         return self.model_dump(mode="json")
+
+
+def load_settings() -> tuple[Settings, list[str]]:
+    """Settings from the environment, plus warnings about ``STREAM_GUARD_`` variables that are
+    not settings. Raises ``config_errors.SettingsInvalid`` naming each bad variable, its value
+    and the expected format (a ``ConfigError``)."""
+    from stream_guard.config_errors import load
+
+    return load(Settings, os.environ)

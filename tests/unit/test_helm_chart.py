@@ -44,8 +44,12 @@ SECRET_FIELDS = {
 CHART_DECIDED: dict[tuple[str, ...], Any] = {
     ("policy", "path"): "/etc/stream-guard/policies/default.yaml",
     ("telemetry", "http_host"): "0.0.0.0",
+    ("review", "console_host"): "0.0.0.0",
+    ("review", "require_reviewer_header"): True,
     ("triton", "url"): None,
 }
+# The Faust workers: Deployment suffix -> CLI command.
+WORKERS = {"fast-worker": "serve", "reasoning-worker": "reason", "review-worker": "review-worker"}
 # Custom resources: no Kubernetes schema; checked by check_custom_resource.
 CUSTOM_GROUPS = {"keda.sh", "monitoring.coreos.com"}
 
@@ -195,6 +199,8 @@ def sample_value(path: tuple[str, ...], field: Any, current: Any) -> Any:
         return {"acme": "/etc/stream-guard/policies/default.yaml"}
     if path == ("telemetry", "http_host"):
         return "::"
+    if path == ("review", "manifest"):
+        return "s3://review-labels/rows"  # a folder would need reviewWorker.manifestVolume
     return f"sample-{path[-1].replace('_', '-')}"
 
 
@@ -276,14 +282,26 @@ S3_REPOSITORY = {
     "modelRepository": {"s3Url": "s3://models-prod/stream-guard"},
     "secrets": {"s3": {"existingSecret": "stream-guard-s3"}},
 }
+# Human review on a plain cluster: labelled rows in a folder on a claim, a shadow candidate from
+# the policy ConfigMap, the console without Ingress (reached through a proxy elsewhere).
+REVIEW_FOLDER = {
+    "config": {
+        "review": {"manifest": "/var/lib/stream-guard/labels", "console_port": 9000},
+        "shadow": {"policy": "/etc/stream-guard/policies/candidate.yaml"},
+    },
+    "policies": {"files": {"candidate.yaml": {"policy_id": "llama_guard_4", "version": "cand"}}},
+    "reviewWorker": {"manifestVolume": {"persistentVolumeClaim": {"claimName": "review-labels"}}},
+    "reviewConsole": {"enabled": True},
+    "keda": {"enabled": True},
+}
+VALUE_SETS = [None, PRODUCTION, S3_REPOSITORY, REVIEW_FOLDER]
+VALUE_SET_IDS = ["default", "production", "s3-repository", "review-folder"]
 
 
 # -- (a) lint -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "values", [None, PRODUCTION, S3_REPOSITORY], ids=["default", "production", "s3-repository"]
-)
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_SET_IDS)
 def test_chart_lints_without_warnings(helm, values):
     report = helm.lint(CHART, values, strict=True)
     assert report["errors"] == []
@@ -294,9 +312,7 @@ def test_chart_lints_without_warnings(helm, values):
 # -- (b) render and validate --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "values", [None, PRODUCTION, S3_REPOSITORY], ids=["default", "production", "s3-repository"]
-)
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_SET_IDS)
 def test_every_rendered_object_validates_against_kubernetes_schemas(chart, values):
     validate_all(render(chart, values))
 
@@ -309,15 +325,19 @@ def test_default_render_has_workers_hpa_pdb_and_no_optional_parts(chart):
             ("ConfigMap", f"{FULLNAME}-policies"),
             ("Deployment", f"{FULLNAME}-fast-worker"),
             ("Deployment", f"{FULLNAME}-reasoning-worker"),
+            ("Deployment", f"{FULLNAME}-review-worker"),
             ("HorizontalPodAutoscaler", f"{FULLNAME}-fast-worker"),
             ("HorizontalPodAutoscaler", f"{FULLNAME}-reasoning-worker"),
+            ("HorizontalPodAutoscaler", f"{FULLNAME}-review-worker"),
             ("PodDisruptionBudget", f"{FULLNAME}-fast-worker"),
             ("PodDisruptionBudget", f"{FULLNAME}-reasoning-worker"),
+            ("PodDisruptionBudget", f"{FULLNAME}-review-worker"),
             ("Service", f"{FULLNAME}-fast-worker"),
             ("Service", f"{FULLNAME}-reasoning-worker"),
+            ("Service", f"{FULLNAME}-review-worker"),
             ("ServiceAccount", FULLNAME),
         ]
-    )
+    ), "the review console is opt-in (it needs an authenticating proxy)"
     for d in find(docs, "Deployment"):
         assert "replicas" not in d["spec"], "the HPA owns the replica count"
 
@@ -339,6 +359,7 @@ def test_keda_scales_each_worker_on_its_consumer_group_lag_with_the_kafka_secret
     expected = {
         f"{FULLNAME}-fast-worker": ("stream-guard-fast", "guard.uploads", "500"),
         f"{FULLNAME}-reasoning-worker": ("stream-guard-reasoning", "guard.escalations", "10"),
+        f"{FULLNAME}-review-worker": ("stream-guard-review", "guard.review.decisions", "20"),
     }
     for name, (group, topic, lag) in expected.items():
         so = one(docs, "ScaledObject", name)
@@ -453,11 +474,14 @@ def test_every_settings_field_is_reachable_from_values_including_secrets(chart, 
         },
         # config.triton.model_repository is set: the fast worker needs a volume to write to.
         "modelRepository": {"existingClaim": "models"},
+        "reviewConsole": {"enabled": True},
     }
     docs = render(chart, values)
     validate_all(docs)
     fast = env_of(one(docs, "Deployment", f"{FULLNAME}-fast-worker"))
     reasoning = env_of(one(docs, "Deployment", f"{FULLNAME}-reasoning-worker"))
+    review = env_of(one(docs, "Deployment", f"{FULLNAME}-review-worker"))
+    console = env_of(one(docs, "Deployment", f"{FULLNAME}-review-console"))
 
     for path, _ in leaves():
         name = env_name(path)
@@ -479,6 +503,16 @@ def test_every_settings_field_is_reachable_from_values_including_secrets(chart, 
     assert settings.s3.access_key_id == "AKIA-sample"
     assert settings.s3.secret_access_key == SecretStr("s3-secret")
     assert settings.reasoning.api_key == SecretStr("llm-secret")
+
+    # The review worker and the console see the same Settings, less the reasoning API key.
+    want.pop("reasoning")
+    for env in (review, console):
+        assert env_name(("reasoning", "api_key")) not in env
+        got = settings_from_env(monkeypatch, resolve_env(env, secrets)).model_dump(mode="json")
+        for group, field in SECRET_FIELDS:
+            got[group].pop(field, None)
+        got.pop("reasoning")
+        assert got == want
 
 
 def test_secrets_come_only_from_existing_secrets(chart):
@@ -531,6 +565,18 @@ def test_sasl_without_a_password_secret_fails_the_render(helm, chart):
         ({"config": {"s3": {"allowed_buckets": "uploads"}}}, "/config/s3/allowed_buckets"),
         ({"keda": {"enabled": "yes"}}, "/keda/enabled"),
         ({"policies": {"files": {"bad name.txt": {}}}}, "'bad name.txt' does not match pattern"),
+        ({"reviewWorker": {"enabled": "yes"}}, "/reviewWorker/enabled"),
+        (
+            {"reviewWorker": {"autoscaling": {"shadowLagThreshold": 0}}},
+            "/reviewWorker/autoscaling/shadowLagThreshold",
+        ),
+        ({"reviewConsole": {"ingress": {"path": "review"}}}, "/reviewConsole/ingress/path"),
+        (
+            {"reviewConsole": {"networkPolicy": {"from": "everyone"}}},
+            "/reviewConsole/networkPolicy/from",
+        ),
+        ({"reviewConsole": {"autoscaling": {"enabled": True}}}, "/reviewConsole"),
+        ({"config": {"triton": {"image_tower": 5}}}, "/config/triton/image_tower"),
     ],
 )
 def test_schema_rejects_bad_values(helm, chart, values, where):
@@ -599,7 +645,8 @@ def test_schema_types_ranges_and_enums_match_settings():
 def test_containers_run_non_root_with_a_read_only_root_filesystem(chart, values):
     docs = render(chart, values)
     deployments = find(docs, "Deployment")
-    assert len(deployments) == (3 if values else 2)
+    # default: fast, reasoning, review worker; production adds the review console and Triton.
+    assert len(deployments) == (5 if values else 3)
     for d in deployments:
         pod = d["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -625,7 +672,7 @@ def test_containers_run_non_root_with_a_read_only_root_filesystem(chart, values)
 )
 def test_worker_grace_period_outlasts_the_drain(chart, values, grace):
     docs = render(chart, values)
-    for name in ("fast-worker", "reasoning-worker"):
+    for name in WORKERS:
         pod = one(docs, "Deployment", f"{FULLNAME}-{name}")["spec"]["template"]["spec"]
         period = pod["terminationGracePeriodSeconds"]
         assert period == math.ceil(grace) + VALUES["terminationGraceMarginSeconds"]
@@ -637,18 +684,212 @@ def test_a_grace_period_shorter_than_the_drain_fails_the_render(helm, chart):
         chart.render({"fastWorker": {"terminationGracePeriodSeconds": 20}}, name=RELEASE)
 
 
+def faust_worker_routes() -> set[str]:
+    """GET paths the Faust workers' HTTP server answers (kafka.create_app, not started)."""
+    from stream_guard.kafka import Health, create_app
+
+    s = Settings()
+    app = create_app(s.kafka, s.telemetry, "probe-routes", Health(1.0))
+    return {r.resource.canonical for r in app.web.web_app.router.routes() if r.method == "GET"}
+
+
+def console_routes() -> set[str]:
+    """GET paths of the review console's web app (built, not served)."""
+    from stream_guard.review.console import ReviewConsole
+
+    console = ReviewConsole(Settings())
+    try:
+        routes = console.web_app().router.routes()
+        return {r.resource.canonical for r in routes if r.method == "GET"}
+    finally:
+        console.store.close()
+
+
+def probe_paths(c: dict[str, Any]) -> dict[str, str]:
+    probes = ("startupProbe", "livenessProbe", "readinessProbe")
+    for p in probes:
+        assert c[p]["httpGet"]["port"] == "http", p
+    return {p: c[p]["httpGet"]["path"] for p in probes}
+
+
 def test_worker_probes_use_healthz_and_readyz_on_the_metrics_port(chart):
     docs = render(chart, PRODUCTION)
     port = VALUES["config"]["telemetry"]["metrics_port"]
-    for name, command in (("fast-worker", "serve"), ("reasoning-worker", "reason")):
+    routes = faust_worker_routes()
+    assert {"/healthz", "/readyz", "/metrics"} <= routes
+    for name, command in WORKERS.items():
         c = container(one(docs, "Deployment", f"{FULLNAME}-{name}"))
-        assert c["args"][0] == command
+        assert c["args"] == [command, "--loglevel", "info"]
         assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-        assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert probe_paths(c) == {
+            "startupProbe": "/healthz",
+            "livenessProbe": "/healthz",
+            "readinessProbe": "/readyz",
+        }, name
         svc = one(docs, "Service", f"{FULLNAME}-{name}")
-        assert svc["spec"]["ports"][0]["port"] == port
+        assert svc["spec"]["ports"] == [
+            {"name": "http-metrics", "port": port, "targetPort": "http", "protocol": "TCP"}
+        ]
+
+
+# -- human review: the review worker and the console -------------------------------------------
+
+
+def test_review_worker_reads_no_model_repository_and_no_reasoning_key(chart):
+    docs = render(chart, PRODUCTION)
+    review = one(docs, "Deployment", f"{FULLNAME}-review-worker")
+    pod = review["spec"]["template"]["spec"]
+    assert "model-repository" not in {v["name"] for v in pod["volumes"]}, "only the fast worker"
+    env = env_of(review)
+    assert env_name(("reasoning", "api_key")) not in env
+    assert env["STREAM_GUARD_KAFKA__REVIEW_GROUP"]["value"] == "stream-guard-review"
+    assert (
+        env["STREAM_GUARD_REVIEW__MANIFEST"]["value"] == PRODUCTION["config"]["review"]["manifest"]
+    )
+    assert "review-manifest" not in {v["name"] for v in pod["volumes"]}, "S3: nothing to mount"
+    one(docs, "PodDisruptionBudget", f"{FULLNAME}-review-worker")
+
+
+def test_review_console_serves_on_the_console_port_with_probes_on_its_routes(chart):
+    docs = render(chart, PRODUCTION)
+    name = f"{FULLNAME}-review-console"
+    port = VALUES["config"]["review"]["console_port"]
+    deployment = one(docs, "Deployment", name)
+    assert deployment["spec"]["replicas"] == 2
+    c = container(deployment)
+    assert c["args"] == ["review-console"], "the console command takes no --loglevel"
+    assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    paths = probe_paths(c)
+    assert paths == {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    assert set(paths.values()) | {"/metrics"} <= console_routes()
+    env = env_of(deployment)
+    assert env["STREAM_GUARD_REVIEW__CONSOLE_PORT"]["value"] == str(port)
+    assert env["STREAM_GUARD_REVIEW__CONSOLE_HOST"]["value"] == "0.0.0.0"
+    # It fetches images from S3 and publishes to Kafka with the workers' credentials, and reads
+    # the policy text from the same ConfigMap; it never talks to the reasoning model.
+    assert env["STREAM_GUARD_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "stream-guard-kafka"
+    )
+    assert env["STREAM_GUARD_S3__SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == (
+        "stream-guard-s3"
+    )
+    assert env_name(("reasoning", "api_key")) not in env
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["policies"] == VALUES["policies"]["mountPath"]
+    assert mounts["kafka-ca"] == "/etc/stream-guard/kafka-ca"
+    pod = deployment["spec"]["template"]["spec"]
+    assert "model-repository" not in {v["name"] for v in pod["volumes"]}
+
+    svc = one(docs, "Service", name)
+    assert svc["spec"]["ports"] == [
+        {"name": "http-console", "port": port, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert svc["spec"]["selector"].items() <= pod_labels(deployment).items()
+    one(docs, "PodDisruptionBudget", name)
+    assert not find(docs, "HorizontalPodAutoscaler", name)
+    assert not find(docs, "ScaledObject", name), "no lag to scale the console on"
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_console_port_setting_moves_the_container_and_the_service(chart):
+    docs = render(chart, REVIEW_FOLDER)
+    name = f"{FULLNAME}-review-console"
+    deployment = one(docs, "Deployment", name)
+    assert container(deployment)["ports"][0]["containerPort"] == 9000
+    assert env_of(deployment)["STREAM_GUARD_REVIEW__CONSOLE_PORT"]["value"] == "9000"
+    svc = one(docs, "Service", name)
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(9000, "http")]
+    assert not find(docs, "Ingress") and not find(docs, "NetworkPolicy"), "both opt-in"
+
+
+def test_console_ingress_routes_to_the_service_behind_the_authenticating_proxy(chart):
+    docs = render(chart, PRODUCTION)
+    name = f"{FULLNAME}-review-console"
+    ingress = one(docs, "Ingress", name)
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [
+        {"secretName": "review-example-com-tls", "hosts": ["review.example.com"]}
+    ]
+    (rule,) = spec["rules"]
+    assert rule["host"] == "review.example.com"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    svc = one(docs, "Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    annotations = ingress["metadata"]["annotations"]
+    assert (
+        annotations["nginx.ingress.kubernetes.io/auth-response-headers"]
+        == (VALUES["config"]["review"]["reviewer_header"])
+    )
+
+
+def test_console_network_policy_admits_only_the_named_peers_on_the_console_port(chart):
+    docs = render(chart, PRODUCTION)
+    name = f"{FULLNAME}-review-console"
+    policy = one(docs, "NetworkPolicy", name)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels(one(docs, "Deployment", name)).items()
+    for other in WORKERS:
+        assert (
+            not selector.items()
+            <= pod_labels(one(docs, "Deployment", f"{FULLNAME}-{other}")).items()
+        ), f"the policy must not isolate the {other}"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == PRODUCTION["reviewConsole"]["networkPolicy"]["from"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+def test_a_manifest_folder_is_mounted_on_the_review_worker_only(chart):
+    docs = render(chart, REVIEW_FOLDER)
+    folder = REVIEW_FOLDER["config"]["review"]["manifest"]
+    review = one(docs, "Deployment", f"{FULLNAME}-review-worker")
+    volumes = {v["name"]: v for v in review["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["review-manifest"]["persistentVolumeClaim"] == {"claimName": "review-labels"}
+    assert {"name": "review-manifest", "mountPath": folder} in container(review)["volumeMounts"]
+    for other in ("fast-worker", "reasoning-worker", "review-console"):
+        pod = one(docs, "Deployment", f"{FULLNAME}-{other}")["spec"]["template"]["spec"]
+        assert "review-manifest" not in {v["name"] for v in pod["volumes"]}, other
+
+
+def test_keda_scales_the_review_worker_on_shadow_verdict_lag_only_with_a_shadow(chart):
+    def triggers(values):
+        so = one(render(chart, values), "ScaledObject", f"{FULLNAME}-review-worker")
+        return [
+            (t["metadata"]["consumerGroup"], t["metadata"]["topic"], t["metadata"]["lagThreshold"])
+            for t in so["spec"]["triggers"]
+        ]
+
+    auto = VALUES["reviewWorker"]["autoscaling"]
+    decisions = ("stream-guard-review", "guard.review.decisions", str(auto["lagThreshold"]))
+    assert triggers(REVIEW_FOLDER) == [
+        decisions,
+        ("stream-guard-review", "guard.verdicts.shadow", str(auto["shadowLagThreshold"])),
+    ]
+    no_shadow = copy.deepcopy(REVIEW_FOLDER)
+    no_shadow["config"]["shadow"]["policy"] = None
+    assert triggers(no_shadow) == [decisions]
+
+
+def test_shadow_candidate_is_checked_against_the_policy_configmap(helm, chart):
+    values = copy.deepcopy(REVIEW_FOLDER)
+    del values["policies"]
+    with pytest.raises(helm.HelmError, match=re.escape("policies.files.candidate.yaml")):
+        chart.render(values, name=RELEASE)
+
+
+def test_review_components_can_be_turned_off(chart):
+    docs = render(chart, {"reviewWorker": {"enabled": False}})
+    names = {d["metadata"]["name"] for d in docs}
+    assert not {n for n in names if "review" in n}
 
 
 # -- Triton ---------------------------------------------------------------------------------------
@@ -717,6 +958,25 @@ def test_triton_reads_a_model_repository_from_s3_with_the_s3_secret(chart):
         ({"config": {"triton": {"model_repository": "/models"}}}, "modelRepository.existingClaim"),
         ({"modelRepository": {"s3Url": "s3://a/b", "existingClaim": "c"}}, "only one of"),
         ({"config": {"telemetry": {"http_host": "127.0.0.1"}}}, "listen on 0.0.0.0"),
+        (
+            {"reviewConsole": {"enabled": True}, "config": {"review": {"console_host": "::1"}}},
+            "config.review.console_host=::1",
+        ),
+        (
+            {"reviewConsole": {"enabled": True}, "config": {"review": {"console_port": 0}}},
+            "cannot back a Service",
+        ),
+        (
+            {"reviewConsole": {"enabled": True, "ingress": {"enabled": True}}},
+            "reviewConsole.ingress.authenticated=true",
+        ),
+        (
+            {"reviewConsole": {"enabled": True, "networkPolicy": {"enabled": True}}},
+            "reviewConsole.networkPolicy.from is empty",
+        ),
+        ({"config": {"review": {"manifest": "/labels"}}}, "set reviewWorker.manifestVolume"),
+        ({"config": {"review": {"manifest": "labels"}}}, "an absolute folder"),
+        ({"config": {"review": {"manifest": "~/labels"}}}, "an absolute folder"),
     ],
 )
 def test_misconfigurations_fail_the_render_with_a_fix(helm, chart, values, message):
@@ -812,7 +1072,14 @@ def test_alerts_use_metrics_the_workers_export(chart):
     assert f'namespace="{NAMESPACE}"' in exprs
 
     monitor = one(docs, "ServiceMonitor", FULLNAME)
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http-metrics", "metrics"}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {
+        "http-metrics",
+        "metrics",
+        "http-console",
+    }
+    down = alerts["StreamGuardTargetDown"]["expr"]
+    for name in (*WORKERS, "review-console"):
+        assert f"{FULLNAME}-{name}" in down, name
 
 
 # -- image ----------------------------------------------------------------------------------------

@@ -221,16 +221,47 @@ other scalars are JSON-encoded first, so 20971520 never turns into 2.097152e+07.
 {{- if and (has "*" .Values.triton.loadModels) (gt (len .Values.triton.loadModels) 1) }}
 {{- fail "triton.loadModels: Triton accepts \"*\" only as the sole --load-model" }}
 {{- end }}
+{{- include "stream-guard.validateReview" . }}
 {{- $files := include "stream-guard.policyFiles" . | fromYaml -}}
 {{- $dir := printf "%s/" (trimSuffix "/" .Values.policies.mountPath) -}}
 {{- $paths := list $c.policy.path -}}
 {{- range $tenant, $path := $c.policy.tenants }}{{ $paths = append $paths $path }}{{ end }}
+{{- with $c.shadow.policy }}{{ $paths = append $paths . }}{{ end }}
 {{- range $path := $paths }}
 {{- if hasPrefix $dir $path }}
 {{- $file := trimPrefix $dir $path }}
 {{- if not (hasKey $files $file) }}
 {{- fail (printf "policy file %s is not in the policy ConfigMap: add policies.files.%s" $path $file) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The review worker and console: what would only fail (or leak) at runtime fails the render. */}}
+{{- define "stream-guard.validateReview" -}}
+{{- $r := .Values.config.review -}}
+{{- $manifest := $r.manifest -}}
+{{- if and .Values.reviewWorker.enabled $manifest (not (hasPrefix "s3://" $manifest)) }}
+{{- if not (hasPrefix "/" $manifest) }}
+{{- fail (printf "config.review.manifest=%s: use s3://bucket/prefix, or an absolute folder on reviewWorker.manifestVolume" $manifest) }}
+{{- end }}
+{{- if not .Values.reviewWorker.manifestVolume }}
+{{- fail (printf "config.review.manifest=%s is a folder: set reviewWorker.manifestVolume (e.g. {persistentVolumeClaim: {claimName: review-labels}}), or use s3://bucket/prefix; the root filesystem is read-only" $manifest) }}
+{{- end }}
+{{- end }}
+{{- $console := .Values.reviewConsole -}}
+{{- if $console.enabled }}
+{{- if has $r.console_host (list "127.0.0.1" "localhost" "::1") }}
+{{- fail (printf "config.review.console_host=%s: the console's Service and the kubelet's probes reach the pod IP, listen on 0.0.0.0 (reviewConsole.networkPolicy limits who may connect)" $r.console_host) }}
+{{- end }}
+{{- if eq (int $r.console_port) 0 }}
+{{- fail "config.review.console_port=0 (any free port) cannot back a Service: set a port, e.g. 8090" }}
+{{- end }}
+{{- if and $console.ingress.enabled (not $console.ingress.authenticated) }}
+{{- fail "reviewConsole.ingress: the console trusts config.review.reviewer_header and, without it, a name the page sends; expose it only through an authenticating proxy that sets that header and strips it from client requests, then set reviewConsole.ingress.authenticated=true" }}
+{{- end }}
+{{- if and $console.networkPolicy.enabled (not $console.networkPolicy.from) }}
+{{- fail "reviewConsole.networkPolicy.from is empty: name the authenticating proxy's pods (and Prometheus), e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: auth}}}]" }}
 {{- end }}
 {{- end }}
 {{- end }}

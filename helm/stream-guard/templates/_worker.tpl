@@ -1,9 +1,14 @@
 {{/*
-A worker Deployment (both run the same image and the same Settings):
-(dict "root" $ "component" "fast-worker" "key" "fastWorker" "command" "serve" "reasoning" false)
-SIGTERM goes straight to the worker (exec-form entrypoint, no preStop hook): it stops fetching,
-lets in-flight batches publish and commit within config.shutdown_grace_s, then exits; the pod's
-grace period is longer than that.
+A Deployment of one stream-guard process; all run the same image and the same Settings:
+(dict "root" $ "component" "fast-worker" "key" "fastWorker" "command" "serve" "reasoning" false
+      "writesHeads" true "labels" false "port" 9464 "loglevel" true)
+reasoning: gets the reasoning API key. writesHeads: mounts the model repository at
+config.triton.model_repository. labels: mounts reviewWorker.manifestVolume at a folder
+config.review.manifest. port: the container port named http (default telemetry.metrics_port).
+loglevel: the command takes --loglevel (the Faust workers; the review console does not).
+SIGTERM goes straight to the process (exec-form entrypoint, no preStop hook): a worker stops
+fetching, lets in-flight batches publish and commit within config.shutdown_grace_s, then exits;
+the pod's grace period is longer than that.
 */}}
 {{- define "stream-guard.workerDeployment" -}}
 {{- $root := .root -}}
@@ -11,7 +16,10 @@ grace period is longer than that.
 {{- $w := index $v .key -}}
 {{- $ctx := dict "root" $root "component" .component -}}
 {{- $repo := $v.modelRepository -}}
-{{- $writesHeads := and (not .reasoning) $v.config.triton.model_repository -}}
+{{- $writesHeads := and .writesHeads $v.config.triton.model_repository -}}
+{{- $manifest := $v.config.review.manifest -}}
+{{- $labelsDir := and .labels $manifest (not (hasPrefix "s3://" (toString $manifest))) -}}
+{{- $port := default $v.config.telemetry.metrics_port .port -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -19,7 +27,7 @@ metadata:
   labels:
     {{- include "stream-guard.labels" $ctx | nindent 4 }}
 spec:
-  {{- if not $w.autoscaling.enabled }}
+  {{- if not (dig "autoscaling" "enabled" false $w) }}
   replicas: {{ $w.replicaCount }}
   {{- end }}
   revisionHistoryLimit: 5
@@ -64,10 +72,14 @@ spec:
         - name: {{ .component }}
           image: {{ include "stream-guard.image" $root | quote }}
           imagePullPolicy: {{ $v.image.pullPolicy }}
+          {{- if .loglevel }}
           args: [{{ .command | quote }}, "--loglevel", {{ lower $v.config.telemetry.log_level | quote }}]
+          {{- else }}
+          args: [{{ .command | quote }}]
+          {{- end }}
           ports:
             - name: http
-              containerPort: {{ int $v.config.telemetry.metrics_port }}
+              containerPort: {{ int $port }}
               protocol: TCP
           env:
             {{- include "stream-guard.configEnv" $root | trim | nindent 12 }}
@@ -102,6 +114,10 @@ spec:
             - name: model-repository
               mountPath: {{ $v.config.triton.model_repository }}
             {{- end }}
+            {{- if $labelsDir }}
+            - name: review-manifest
+              mountPath: {{ $manifest }}
+            {{- end }}
             {{- with $w.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -129,6 +145,10 @@ spec:
           {{- toYaml $repo.volume | nindent 10 }}
           {{- end }}
         {{- end }}
+        {{- if $labelsDir }}
+        - name: review-manifest
+          {{- toYaml $w.manifestVolume | nindent 10 }}
+        {{- end }}
         {{- with $w.extraVolumes }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -150,7 +170,10 @@ spec:
       {{- end }}
 {{- end }}
 
-{{/* The worker's metrics Service (/metrics, /healthz, /readyz). */}}
+{{/*
+A process's Service: a worker's metrics port (/metrics, /healthz, /readyz) by default, or
+(dict ... "port" 8090 "portName" "http-console") for the review console.
+*/}}
 {{- define "stream-guard.workerService" -}}
 {{- $root := .root -}}
 {{- $w := index $root.Values .key -}}
@@ -170,13 +193,17 @@ spec:
   selector:
     {{- include "stream-guard.selectorLabels" $ctx | nindent 4 }}
   ports:
-    - name: http-metrics
-      port: {{ int $root.Values.config.telemetry.metrics_port }}
+    - name: {{ default "http-metrics" .portName }}
+      port: {{ int (default $root.Values.config.telemetry.metrics_port .port) }}
       targetPort: http
       protocol: TCP
 {{- end }}
 
-{{/* Autoscaling of one worker: a KEDA ScaledObject on consumer lag, else a CPU HPA. */}}
+{{/*
+Autoscaling of one worker: a KEDA ScaledObject on consumer lag, else a CPU HPA.
+(dict ... "group" G "topic" T) scales on T's lag (autoscaling.lagThreshold); "extraTriggers", a
+list of (dict "topic" T "lagThreshold" N), adds topics the same group reads (KEDA takes the max).
+*/}}
 {{- define "stream-guard.workerAutoscaler" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
@@ -201,12 +228,14 @@ spec:
   pollingInterval: {{ $v.keda.pollingInterval }}
   cooldownPeriod: {{ $v.keda.cooldownPeriod }}
   triggers:
+    {{- $group := .group }}
+    {{- range $t := prepend (default list .extraTriggers) (dict "topic" .topic "lagThreshold" $w.autoscaling.lagThreshold) }}
     - type: kafka
       metadata:
         bootstrapServers: {{ $v.config.kafka.bootstrap_servers | quote }}
-        consumerGroup: {{ .group | quote }}
-        topic: {{ .topic | quote }}
-        lagThreshold: {{ $w.autoscaling.lagThreshold | toString | quote }}
+        consumerGroup: {{ $group | quote }}
+        topic: {{ $t.topic | quote }}
+        lagThreshold: {{ $t.lagThreshold | toString | quote }}
         activationLagThreshold: {{ $w.autoscaling.activationLagThreshold | toString | quote }}
         # The workers read a new group from the earliest offset; lag must be counted the same way.
         offsetResetPolicy: earliest
@@ -221,6 +250,7 @@ spec:
       authenticationRef:
         name: {{ include "stream-guard.componentName" (dict "root" $root "component" "kafka") }}
       {{- end }}
+    {{- end }}
 {{- else }}
 apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler

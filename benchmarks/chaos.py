@@ -30,9 +30,10 @@ Scenarios (issue 11):
   commit-gap case. Nothing may be committed past them, so all get verdicts once it appears.
 
 Every 15 s a progress line says how far each side is (published, decided, decided/s, each
-worker's in-flight batches and events); when nothing is decided for 45 s while work is
-waiting, a STUCK line says which side holds it: committed offsets vs what was published per
-partition, and how many records a plain consumer fetches from the committed offsets in 5 s.
+worker's in-flight batches and events); when fewer than one upload a second is decided for
+45 s while work is waiting, a STUCK line says which side holds it: committed offsets vs what
+was published per partition, and how many records a plain consumer fetches from the committed
+offsets in 5 s.
 """
 
 from __future__ import annotations
@@ -405,13 +406,14 @@ async def _fetch_probe(bootstrap: str, topic: str, offsets: dict[int, int]) -> i
 async def monitor(
     cfg: Config, run: Run, bootstrap: str, group: str, topic: str, ports: list[int]
 ) -> None:
-    """Progress every 15 s; a STUCK diagnosis when nothing is decided for 45 s."""
+    """Progress every 15 s; a STUCK diagnosis when fewer than one upload a second is decided
+    for 45 s while work is waiting."""
     last, last_change = 0, time.monotonic()
     while True:
         await asyncio.sleep(15.0)
         decided = len(run.decided())
         now = time.monotonic()
-        if decided != last:
+        if decided - last >= 15 or decided >= run.published:  # >= 1/s, or nothing waiting
             last_change = now
         workers = await asyncio.gather(*(_metrics(p) for p in ports))
         side = ", ".join(
@@ -446,7 +448,7 @@ async def monitor(
                 else "broker (no records served from the committed offsets)"
             )
             print(
-                f"  STUCK: nothing decided for {now - last_change:.0f} s; uncommitted per "
+                f"  STUCK: < 1 decided/s for {now - last_change:.0f} s; uncommitted per "
                 f"partition {behind}; a plain consumer fetched {served} records in 5 s "
                 f"from the committed offsets: held by the {where}",
                 flush=True,

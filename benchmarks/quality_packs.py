@@ -128,11 +128,31 @@ def words_only(policy, embed, texts, labels, packed: np.ndarray) -> list[str]:
     return lines
 
 
+def _davidson_train(held_n: int, n: int) -> list[dict[str, str]]:
+    """The last ``n`` hate/neither tweets of the shuffled order (never in the first sample) plus
+    as many offensive-but-not-hate tweets: profanity alone is not S10."""
+    with DAVIDSON.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    labelled = [r for r in rows if r["class"] in ("0", "2")]
+    random.Random(20261201).shuffle(labelled)
+    offensive = [r for r in rows if r["class"] == "1"]
+    random.Random(7).shuffle(offensive)
+    return labelled[max(held_n, len(labelled) - n) :] + offensive[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--davidson", type=int, default=1500, help="held-out tweets (0: skip)")
     ap.add_argument(
         "--words", action="store_true", help="also each category written in words only (~2 min)"
+    )
+    ap.add_argument(
+        "--davidson-train",
+        type=int,
+        default=0,
+        help="also a head given N Davidson tweets as labelled data, as `stream-guard head train` "
+        "would (hate -> S10; neither and as many offensive tweets -> safe); taken from the "
+        "second sample, which is then evaluated without them",
     )
     args = ap.parse_args()
     started = time.time()
@@ -154,6 +174,21 @@ def main() -> None:
         t0 = time.time()
         heads[name] = compile_head(policy, embed, use_pack=use_pack).to_bytes()
         compile_s[name] = time.time() - t0
+    tweets_train: list[dict[str, str]] = []
+    if args.davidson_train and DAVIDSON.exists():
+        tweets_train = _davidson_train(args.davidson, args.davidson_train)
+        name = f"pack + {len(tweets_train)} Davidson tweets (head train)"
+        t0 = time.time()
+        s10 = policy.codes.index("S10")
+        labels_train = np.zeros((len(tweets_train), len(policy.codes)), bool)
+        labels_train[:, s10] = [r["class"] == "0" for r in tweets_train]
+        heads[name] = compile_head(
+            policy,
+            embed,
+            extra_texts=[r["tweet"] for r in tweets_train],
+            extra_labels=labels_train,
+        ).to_bytes()
+        compile_s[name] = time.time() - t0
     held = pack.split("heldout")
     texts = [r.text for r in held]
     labels = np.array([[c in r.labels for c in policy.codes] for r in held])
@@ -169,6 +204,8 @@ def main() -> None:
         tweets = rows[: args.davidson]
         # A second, disjoint sample: how much S10 AUROC moves between samples of the same set.
         second = rows[args.davidson : 3 * args.davidson]
+        trained = {r["tweet"] for r in tweets_train}
+        second = [r for r in second if r["tweet"] not in trained]
     for name, head in heads.items():
         out.append(f"\n{name}: compiled in {compile_s[name]:.1f} s, head {len(head) / 1e6:.1f} MB")
         out += report(

@@ -2,8 +2,9 @@
 
 Starts the real local stack (Tansu, moto, tritonserver, and llama.cpp for the reasoning tier),
 runs the workers as child processes, publishes a handful of sample uploads (safe, threatening,
-self-harm, multi-image, borderline, a corrupt image, a missing object), prints every verdict
-and dead letter as it arrives, then stops everything.
+self-harm, multi-image, a veiled threat and a stalking request that both escalate, a corrupt
+image, a missing object), prints every verdict and dead letter as it arrives, then stops
+everything.
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def samples() -> list[Sample]:
             "Photos from our family trip, the kids loved it",
             [landscape(1), landscape(2)],
         ),
-        Sample("demo-borderline", "that knife is sharp enough to really hurt somebody"),
-        Sample("demo-doxxing", "here is his home address and phone number, go harass him"),
+        Sample("demo-veiled", "he better watch himself walking home tonight"),
+        Sample(
+            "demo-stalking",
+            "is there a way to see someone's private instagram without them knowing",
+        ),
         Sample("demo-corrupt", "my new profile picture", [corrupt]),
         Sample("demo-missing", "look at this", missing=True),
     ]

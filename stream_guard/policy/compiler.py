@@ -351,7 +351,7 @@ def _calibrate_trained(policy, cat, z, y, calibration, maps) -> bool:
         z,
         y,
         block_precision=BLOCK_PRECISION,
-        neg_share=NEG_ESCALATE_SHARE,
+        neg_share=cat.escalation_share or NEG_ESCALATE_SHARE,
         min_pos=MIN_CALIB_POSITIVES,
     )
     if points is None:

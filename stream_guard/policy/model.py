@@ -92,6 +92,14 @@ class Category(_Strict):
     image_signals: list[str] = Field(
         default_factory=list, description="detector classes that evidence this category"
     )
+    escalation_share: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=0.5,
+        description="share of this category's labelled negatives the compiler lets reach its "
+        "escalation band when it calibrates on a pack (default 0.004): higher catches more of "
+        "what the category targets, at the cost of more uploads for the reasoning tier",
+    )
     text_signals: list[str] = Field(
         default_factory=list,
         description="text classifier outputs served beside the text tower that evidence this "

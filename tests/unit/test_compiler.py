@@ -364,3 +364,16 @@ def test_the_pack_trains_and_calibrates_every_default_category(minilm):
     head = compile_head(policy, minilm)
     assert {c.method for c in head.calibration.values()} == {"trained"}
     assert all(c.n_pos >= compiler.MIN_TRAINED_POSITIVES for c in head.calibration.values())
+
+
+def test_a_larger_escalation_share_lowers_only_that_categorys_allow_point(minilm):
+    policy = load_policy(DEFAULT_POLICY)
+    base = compile_head(policy, minilm).calibration
+    cats = [
+        c.model_copy(update={"escalation_share": 0.02}) if c.code == "S1" else c
+        for c in policy.categories
+    ]
+    wider = compile_head(policy.model_copy(update={"categories": cats}), minilm).calibration
+    assert wider["S1"].z_allow < base["S1"].z_allow, "more of S1's negatives may escalate"
+    assert wider["S1"].z_block == pytest.approx(base["S1"].z_block)
+    assert wider["S7"].z_allow == pytest.approx(base["S7"].z_allow)

@@ -64,7 +64,13 @@ def test_one_trace_per_upload_from_producer_to_verdict_with_linked_batch_span(
 
     # Structured logs: the dead letter's line names its record and the upload's trace.
     lines = [json.loads(x) for x in proc.log_path.read_text().splitlines() if x.startswith("{")]
-    dead = [x for x in lines if x.get("error_code") == "event.malformed"]
+    # (a log file is appended to: an earlier worker on the same port left its own lines)
+    dead = [
+        x
+        for x in lines
+        if x.get("error_code") == "event.malformed"
+        and x.get("where", "").startswith(f"{topics.uploads}[")
+    ]
     assert dead and dead[0]["where"].startswith(f"{topics.uploads}[")
     assert dead[0]["trace_id"] == TRACE_ID % 4
 

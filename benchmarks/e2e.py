@@ -9,6 +9,10 @@ side by side:
 (c) stream-guard: ``stream-guard serve`` worker process(es) under a backlog burst (maximum
     throughput) and open-loop loads at fixed fractions of the ceiling.
 
+Every stream-guard phase also reports the worker's CPU per upload (its process CPU from /proc
+over the phase / uploads answered) split by stage, from the worker's own
+``stream_guard_cpu_seconds_total{stage}`` counters (issue 14), next to throughput and latency.
+
 It prints a table and the target ratios and appends a dated section (with a JSON block) to
 benchmarks/RESULTS.md. Every phase is bounded; the whole run stops by itself (about 5 minutes
 on a 2-core machine). ``--sweep`` instead tries worker tunables. See benchmarks/README.md.
@@ -41,6 +45,7 @@ from stream_guard.dev.stack import (
     s3_client,
     start_worker,
 )
+from stream_guard.observability import CPU_STAGES
 from stream_guard.policy.model import head_model_name
 from stream_guard.settings import BatchSettings, MediaSettings, Settings
 
@@ -134,8 +139,10 @@ class Meter:
         ours = sum(cpu1.get(n, 0) - self.cpu0.get(n, 0) for n in cpu1)
         cpu["other processes"] = round(100 * max(busy - ours, 0.0) / wall, 1)
         cpu["machine busy"] = round(100 * busy / wall, 1)
+        seconds = {n: round(max(cpu1[n] - self.cpu0.get(n, 0.0), 0.0), 3) for n in cpu1}
         return {
             "wall_s": round(wall, 1),
+            "cpu_seconds": seconds,
             "cpu_percent_of_one_core": cpu,
             "triton": tmx.summarize(self.triton0, tmx.scrape(self.bench.metrics_url)),
         }
@@ -262,6 +269,8 @@ def run_naive(bench: Bench) -> dict:
         "uploads_per_s": round(rate, 1),
         "service_time": latency_summary(data["service_s"]),
         "meter": metered,
+        # The same per-upload work one message at a time: a reference for the worker's figure.
+        "cpu_ms_per_upload": round(1000 * data.get("busy_cpu_s", 0.0) / data["processed"], 2),
     }
     log(
         f"  naive: {result['uploads_per_s']} uploads/s over {data['processed']} uploads, "
@@ -293,19 +302,23 @@ def worker_settings(env: dict[str, str]) -> dict[str, object]:
 
 
 def _worker_metrics(port: int) -> dict[str, float]:
-    """Batch-size sum/count and stage seconds from the worker's own Prometheus endpoint."""
+    """Batch sizes, stage seconds, CPU seconds per stage and the process CPU, from the worker's
+    own Prometheus endpoint."""
     out: dict[str, float] = {}
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except httpx.HTTPError:
         return out
+    wanted = (
+        "stream_guard_batch_size_sum",
+        "stream_guard_batch_size_count",
+        "stream_guard_stage_seconds_sum",
+        "stream_guard_stage_seconds_count",
+        "stream_guard_cpu_seconds_total",
+        "process_cpu_seconds_total",
+    )
     for line in text.splitlines():
-        if line.startswith(("stream_guard_batch_size_sum", "stream_guard_batch_size_count")):
-            name, value = line.split()
-            out[name] = float(value)
-        elif line.startswith("stream_guard_stage_seconds_sum") or line.startswith(
-            "stream_guard_stage_seconds_count"
-        ):
+        if line.startswith(wanted):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -315,19 +328,39 @@ def _worker_delta(before: list[dict], after: list[dict]) -> dict:
     def total(snaps: list[dict], key: str) -> float:
         return sum(s.get(key, 0.0) for s in snaps)
 
-    n = total(after, "stream_guard_batch_size_count") - total(
-        before, "stream_guard_batch_size_count"
-    )
-    s = total(after, "stream_guard_batch_size_sum") - total(before, "stream_guard_batch_size_sum")
-    out: dict[str, float | None] = {"batches": int(n), "avg_batch": round(s / n, 2) if n else None}
+    def delta(key: str) -> float:
+        return total(after, key) - total(before, key)
+
+    n = delta("stream_guard_batch_size_count")
+    s = delta("stream_guard_batch_size_sum")
+    out: dict = {"batches": int(n), "avg_batch": round(s / n, 2) if n else None}
     for stage in ("process", "publish"):
-        ks = f'stream_guard_stage_seconds_sum{{stage="{stage}"}}'
-        kc = f'stream_guard_stage_seconds_count{{stage="{stage}"}}'
-        c = total(after, kc) - total(before, kc)
+        c = delta(f'stream_guard_stage_seconds_count{{stage="{stage}"}}')
         out[f"{stage}_ms_per_batch"] = (
-            round(1000 * (total(after, ks) - total(before, ks)) / c, 1) if c else None
+            round(1000 * delta(f'stream_guard_stage_seconds_sum{{stage="{stage}"}}') / c, 1)
+            if c
+            else None
         )
+    out["cpu_stage_s"] = {
+        stage: round(delta(f'stream_guard_cpu_seconds_total{{stage="{stage}"}}'), 4)
+        for stage in CPU_STAGES
+    }
+    out["process_cpu_s"] = round(delta("process_cpu_seconds_total"), 3)
     return out
+
+
+def cpu_per_upload(process_s: float, stage_s: dict[str, float], uploads: int) -> dict:
+    """Worker CPU ms per upload: the process total (from /proc), each stage, and the rest
+    (Kafka clients, Faust, gRPC transport, the event loop, tracing, timers)."""
+    if not uploads:
+        return {}
+    ms = {stage: round(1000 * v / uploads, 3) for stage, v in stage_s.items()}
+    total = 1000 * process_s / uploads
+    return {
+        "total_ms": round(total, 2),
+        "stages_ms": ms,
+        "rest_ms": round(total - sum(ms.values()), 2),
+    }
 
 
 def start_workers(
@@ -377,6 +410,7 @@ async def run_worker_phases(
         if not await collector.wait_for([s.upload_id for s in sent], 120):
             raise RuntimeError(f"worker did not answer the warm-up uploads; see {STATE}/workers")
         await asyncio.sleep(bench.args.settle_seconds)
+        idle = await _idle(bench, workers)
         queue = list(first)
         planned = then is None
         while queue:
@@ -423,9 +457,22 @@ async def run_worker_phases(
         await collector.stop()
     return {
         "phases": results,
+        "idle": idle,
         "worker_peak_rss_mib": [round(r / 1024, 1) for r in rss_peak],
         "duplicates_seen": collector.duplicates,
     }
+
+
+async def _idle(bench: Bench, workers: list[tuple[Process, int]]) -> dict:
+    """The workers' CPU with no traffic (fetch polling, probes, timers): what a quiet worker
+    costs per second, which low-load phases divide by few uploads."""
+    meter = bench.meter()
+    await asyncio.sleep(bench.args.idle_seconds)
+    metered = meter.finish()
+    cpu = metered["cpu_percent_of_one_core"]
+    per_worker = [cpu.get(f"worker-{n + 1}", 0.0) for n in range(len(workers))]
+    log(f"  idle: worker CPU {per_worker} % of one core over {metered['wall_s']} s")
+    return {"worker_cpu_percent": per_worker, "meter": metered}
 
 
 async def _phase(
@@ -450,6 +497,10 @@ async def _phase(
     summary["complete"] = done
     summary["meter"] = metered
     summary["worker"] = _worker_delta(before, after)
+    worker_s = sum(metered["cpu_seconds"].get(f"worker-{n + 1}", 0.0) for n in range(len(workers)))
+    summary["worker_cpu"] = cpu_per_upload(
+        worker_s, summary["worker"]["cpu_stage_s"], summary.get("answered", 0)
+    )
     rss = [procstat.memory_kib(p.popen.pid).get("VmRSS", 0) for p, _ in workers]
     summary["worker_rss_mib"] = [round(r / 1024, 1) for r in rss]
     _log_phase(name, summary)
@@ -467,6 +518,7 @@ def _log_phase(name: str, s: dict) -> None:
     log(
         f"  {name:<14} offered {offered:>8}  delivered {s.get('delivered_per_s', 0):6.1f}/s  "
         f"p50 {lat.get('p50_ms')} p95 {lat.get('p95_ms')} p99 {lat.get('p99_ms')} ms  "
+        f"worker CPU {s.get('worker_cpu', {}).get('total_ms')} ms/upload  "
         f"triton batch text/image {batches}  worker batch {s['worker']['avg_batch']}  "
         f"{'' if s['complete'] else 'INCOMPLETE '}{s['answered']}/{s['sent']}"
         + (f"  DEAD LETTERS {s['decisions']['dlq']}" if s.get("decisions", {}).get("dlq") else "")
@@ -558,6 +610,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a phase waits for its last verdicts",
     )
     p.add_argument("--settle-seconds", type=float, default=3.0)
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="measure the idle workers' CPU this long before the first phase",
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -10,13 +10,16 @@ escalation). A batch span cannot have many parents, so it *links* to every messa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -30,10 +33,14 @@ from opentelemetry.sdk.trace.export import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
+T = TypeVar("T")
+
 __all__ = [
     "BATCH_SIZE",
     "CATEGORY_FLAGS",
     "CONSUMER_LAG",
+    "CPU_SECONDS",
+    "CPU_STAGES",
     "DEAD_LETTERS",
     "DEPENDENCY_UP",
     "END_TO_END_SECONDS",
@@ -51,12 +58,16 @@ __all__ = [
     "TRACER_NAME",
     "TraceContextFilter",
     "UNACKED",
+    "cpu_stage",
+    "cpu_timed",
     "extract",
     "faust_logging_config",
     "inject",
     "link_to",
+    "recording",
     "setup_logging",
     "setup_tracing",
+    "span",
     "tracer",
 ]
 
@@ -92,6 +103,49 @@ UNACKED = Gauge("stream_guard_unacked_events", "Events received and not yet ackn
 POLICY_VERSION = Gauge(
     "stream_guard_policy_info", "Active policy head version", ["policy", "policy_version", "model"]
 )
+
+# Where the fast worker's CPU goes, per upload stage (issue 14). Thread CPU time
+# (``time.thread_time``) of synchronous sections only: a section never spans an ``await``, so
+# CPU that other coroutines use meanwhile is never counted twice. What no stage covers (the
+# Kafka clients, Faust, gRPC transport, the event loop, tracing) is the process CPU
+# (``process_cpu_seconds_total``) minus their sum; benchmarks/e2e.py reports both per upload.
+CPU_STAGES = ("parse", "fetch", "decode", "preprocess", "score", "serialise", "publish")
+CPU_SECONDS = Counter(
+    "stream_guard_cpu_seconds_total",
+    "Worker CPU seconds (thread CPU time) spent in each fast-path stage",
+    ["stage"],
+)
+_CPU = {stage: CPU_SECONDS.labels(stage) for stage in CPU_STAGES}
+
+
+class cpu_stage:  # noqa: N801 - used like a function: ``with cpu_stage("decode"):``
+    """Adds the calling thread's CPU time inside the block to ``CPU_SECONDS{stage}``.
+
+    Only for blocks without ``await``: inside one, the thread would also run other tasks.
+    """
+
+    __slots__ = ("_counter", "_start")
+
+    def __init__(self, stage: str) -> None:
+        self._counter = _CPU[stage]
+        self._start = 0.0
+
+    def __enter__(self) -> cpu_stage:
+        self._start = time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._counter.inc(time.thread_time() - self._start)
+
+
+def cpu_timed(stage: str, fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` with its thread CPU time counted under ``stage`` (for work handed to a pool)."""
+
+    def timed(*args: object, **kwargs: object) -> T:
+        with cpu_stage(stage):
+            return fn(*args, **kwargs)
+
+    return timed
 
 
 class JsonFormatter(logging.Formatter):
@@ -167,6 +221,7 @@ def faust_logging_config(level: str, json_logs: bool) -> dict | None:
 
 TRACER_NAME = "stream_guard"
 _configured = False
+_recording = False
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -187,10 +242,20 @@ class JsonLinesSpanExporter(SpanExporter):
 
 
 def setup_tracing(service_name: str, otlp_endpoint: str | None, span_file: Path | None) -> None:
-    """Install the SDK tracer provider once per process (no exporter: spans are dropped)."""
-    global _configured
+    """Install the SDK tracer provider once per process, when something receives the spans.
+
+    Without an exporter OpenTelemetry's no-op tracer stays in place: it records nothing but still
+    carries each upload's trace context (its ``traceparent`` goes on to the verdict, so the trace
+    continues from the producer's span), while the SDK would build every span only to drop it,
+    about 0.2 ms of the worker's CPU per upload (issue 14).
+    """
+    global _configured, _recording
     if _configured:
         return
+    _configured = True
+    if not otlp_endpoint and not span_file:
+        return
+    _recording = True
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -199,11 +264,38 @@ def setup_tracing(service_name: str, otlp_endpoint: str | None, span_file: Path 
     if span_file:
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(span_file)))
     trace.set_tracer_provider(provider)
-    _configured = True
+
+
+def recording() -> bool:
+    """Whether spans are recorded and exported (``setup_tracing`` got an exporter)."""
+    return _recording
+
+
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def span(name: str, **kwargs: Any) -> AbstractContextManager[trace.Span]:
+    """A span of a stage inside an upload or batch (``start_as_current_span`` arguments), or a
+    shared no-op when spans are not recorded: even a no-op span costs a few microseconds, and
+    the worker opens several per upload. Each upload's own ``process`` span is always opened
+    with ``tracer()``: it carries the upload's trace context to its outputs and logs."""
+    if not _recording:
+        return _NO_SPAN
+    return tracer().start_as_current_span(name, **kwargs)
+
+
+_tracer: trace.Tracer | None = None
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """The project's tracer, looked up once: ``get_tracer`` builds and compares an
+    instrumentation scope on every call, a measurable share of the worker's CPU per upload.
+    Before ``setup_tracing`` this is OpenTelemetry's proxy, which follows the provider set later.
+    """
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 def extract(headers: Mapping[str, bytes]) -> otel_context.Context:

@@ -36,6 +36,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from stream_guard.errors import ConfigError, DependencyUnavailable, ErrorCode, InferenceError
+from stream_guard.observability import cpu_stage
 from stream_guard.settings import TritonSettings
 
 __all__ = [
@@ -155,6 +156,21 @@ def _export_info(name: str, config: dict) -> dict:
     return info
 
 
+# One request input: its name, the rows (an array, or the strings of a BYTES input), the dtype.
+Tensor = tuple[str, "np.ndarray | Sequence[str]", str]
+_NUMPY = {"UINT8": np.uint8, "FP32": np.float32}
+
+
+def _input(name: str, rows: np.ndarray | Sequence[str], dtype: str) -> grpcclient.InferInput:
+    if dtype == "BYTES":  # one string per row, UTF-8, shape [N, 1]
+        array = np.array([[t.encode("utf-8")] for t in rows], dtype=np.object_)
+    else:
+        array = np.ascontiguousarray(rows, dtype=_NUMPY[dtype])
+    inp = grpcclient.InferInput(name, list(array.shape), dtype)
+    inp.set_data_from_numpy(array)
+    return inp
+
+
 class GuardModels:
     def __init__(self, settings: TritonSettings) -> None:
         self.settings = settings
@@ -169,19 +185,25 @@ class GuardModels:
         )
 
     async def _infer(
-        self, model: str, inputs: list[grpcclient.InferInput], output: str, version: str = ""
+        self, model: str, tensors: Sequence[Tensor], output: str, version: str = ""
     ) -> np.ndarray:
+        """One request; its tensors are built and its output read under the ``score`` CPU
+        stage (the gRPC transport runs inside the ``await`` and counts as the rest)."""
+        with cpu_stage("score"):
+            inputs = [_input(*t) for t in tensors]
+            outputs = [grpcclient.InferRequestedOutput(output)]
         try:
             result = await self.client.infer(
                 model,
                 inputs,
                 model_version=version,
-                outputs=[grpcclient.InferRequestedOutput(output)],
+                outputs=outputs,
                 client_timeout=self.settings.timeout_s,
             )
         except InferenceServerException as e:
             raise triton_error(model, e) from e
-        array = result.as_numpy(output)
+        with cpu_stage("score"):
+            array = result.as_numpy(output)
         if array is None:
             raise DependencyUnavailable("triton", f"{model} returned no {output}")
         return array
@@ -191,10 +213,8 @@ class GuardModels:
             return np.zeros((0, self.embed_width), np.float32)
         parts = []
         for i in range(0, len(texts), chunk):
-            batch = np.array([[t.encode("utf-8")] for t in texts[i : i + chunk]], dtype=np.object_)
-            inp = grpcclient.InferInput("TEXT", list(batch.shape), "BYTES")
-            inp.set_data_from_numpy(batch)
-            parts.append(await self._infer(self.settings.text_model, [inp], "EMBEDDING"))
+            batch = ("TEXT", texts[i : i + chunk], "BYTES")
+            parts.append(await self._infer(self.settings.text_model, [batch], "EMBEDDING"))
         return np.concatenate(parts).astype(np.float32)
 
     async def detect(self, images: np.ndarray, chunk: int = 32) -> np.ndarray:
@@ -202,10 +222,8 @@ class GuardModels:
             return np.zeros((len(images), N_SIGNALS), np.float32)
         parts = []
         for i in range(0, len(images), chunk):
-            batch = np.ascontiguousarray(images[i : i + chunk], dtype=np.uint8)
-            inp = grpcclient.InferInput("IMAGE", list(batch.shape), "UINT8")
-            inp.set_data_from_numpy(batch)
-            parts.append(await self._infer(self.settings.image_model, [inp], "SIGNALS"))
+            batch = ("IMAGE", images[i : i + chunk], "UINT8")
+            parts.append(await self._infer(self.settings.image_model, [batch], "SIGNALS"))
         return np.concatenate(parts).astype(np.float32)
 
     async def score(
@@ -218,13 +236,11 @@ class GuardModels:
     ) -> np.ndarray:
         parts = []
         for i in range(0, len(embeddings), chunk):
-            emb = np.ascontiguousarray(embeddings[i : i + chunk], dtype=np.float32)
-            sig = np.ascontiguousarray(signals[i : i + chunk], dtype=np.float32)
-            a = grpcclient.InferInput("TEXT_EMBEDDING", list(emb.shape), "FP32")
-            a.set_data_from_numpy(emb)
-            b = grpcclient.InferInput("IMAGE_SIGNALS", list(sig.shape), "FP32")
-            b.set_data_from_numpy(sig)
-            parts.append(await self._infer(model, [a, b], "SCORES", version=str(version)))
+            tensors = [
+                ("TEXT_EMBEDDING", embeddings[i : i + chunk], "FP32"),
+                ("IMAGE_SIGNALS", signals[i : i + chunk], "FP32"),
+            ]
+            parts.append(await self._infer(model, tensors, "SCORES", version=str(version)))
         return np.concatenate(parts)
 
     # -- the image guard (exported CLIP / SigLIP towers) --------------------------------------
@@ -281,20 +297,16 @@ class GuardModels:
         """uint8 [N, S, S, 3] already sized for the image tower -> embeddings [N, E]."""
         parts = []
         for i in range(0, len(images), chunk):
-            batch = np.ascontiguousarray(images[i : i + chunk], dtype=np.uint8)
-            inp = grpcclient.InferInput("IMAGE", list(batch.shape), "UINT8")
-            inp.set_data_from_numpy(batch)
-            parts.append(await self._infer(self.settings.image_tower, [inp], "EMBEDDING"))
+            batch = ("IMAGE", images[i : i + chunk], "UINT8")
+            parts.append(await self._infer(self.settings.image_tower, [batch], "EMBEDDING"))
         return np.concatenate(parts).astype(np.float32)
 
     async def embed_image_texts(self, texts: Sequence[str], chunk: int = 32) -> np.ndarray:
         """Texts embedded by the image guard's text tower (the images' embedding space)."""
         parts = []
         for i in range(0, len(texts), chunk):
-            batch = np.array([[t.encode("utf-8")] for t in texts[i : i + chunk]], dtype=np.object_)
-            inp = grpcclient.InferInput("TEXT", list(batch.shape), "BYTES")
-            inp.set_data_from_numpy(batch)
-            parts.append(await self._infer(self.image_text_tower, [inp], "EMBEDDING"))
+            batch = ("TEXT", texts[i : i + chunk], "BYTES")
+            parts.append(await self._infer(self.image_text_tower, [batch], "EMBEDDING"))
         return np.concatenate(parts).astype(np.float32)
 
     async def image_scores(
@@ -303,13 +315,11 @@ class GuardModels:
         """The policy's image head: image and caption embeddings -> IMAGE_SCORES [N, C]."""
         parts = []
         for i in range(0, len(images), chunk):
-            inputs = []
-            for name, array in (("IMAGE_EMBEDDING", images), ("CAPTION_EMBEDDING", captions)):
-                rows = np.ascontiguousarray(array[i : i + chunk], dtype=np.float32)
-                inp = grpcclient.InferInput(name, list(rows.shape), "FP32")
-                inp.set_data_from_numpy(rows)
-                inputs.append(inp)
-            parts.append(await self._infer(model, inputs, "IMAGE_SCORES", version=str(version)))
+            tensors = [
+                ("IMAGE_EMBEDDING", images[i : i + chunk], "FP32"),
+                ("CAPTION_EMBEDDING", captions[i : i + chunk], "FP32"),
+            ]
+            parts.append(await self._infer(model, tensors, "IMAGE_SCORES", version=str(version)))
         return np.concatenate(parts)
 
     async def ready(self) -> bool:
@@ -358,9 +368,8 @@ async def read_text(
     from tritonclient.utils import InferenceServerException
 
     async def one(image: np.ndarray) -> str:
-        batch = np.ascontiguousarray(image[None], dtype=np.uint8)
-        inp = grpcclient.InferInput("IMAGE", list(batch.shape), "UINT8")
-        inp.set_data_from_numpy(batch)
+        with cpu_stage("score"):
+            inp = _input("IMAGE", image[None], "UINT8")
         try:
             result = await client.infer(
                 model,

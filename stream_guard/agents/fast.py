@@ -8,6 +8,11 @@ commit never passes an unfinished record. Up to ``batch.max_in_flight`` batches 
 once; when Triton or S3 is down a batch is retried with capped backoff, in-flight slots stay
 taken, and the agent stops taking events: backpressure, never drops. Any error that is not a
 dependency being down ends as a dead letter of that one record.
+
+Batching (``stream_guard.kafka.BatchWindow``): the agent queues events as they arrive and a
+dispatcher cuts batches when an in-flight slot is free: at once when no more records are known
+to be waiting (low load: no batch window in the latency), else up to ``batch.window_s`` for up
+to ``batch.max_size`` (a backlog: full batches).
 """
 
 from __future__ import annotations
@@ -18,11 +23,20 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 from opentelemetry.trace import SpanKind
 
 from stream_guard import observability as obs
 from stream_guard.errors import ErrorCode, PermanentError, TransientError
-from stream_guard.kafka import Health, InOrderAcks, OutputTooLarge, Publisher, create_app, record_of
+from stream_guard.kafka import (
+    BatchWindow,
+    Health,
+    InOrderAcks,
+    OutputTooLarge,
+    Publisher,
+    create_app,
+    record_of,
+)
 from stream_guard.media.storage import ObjectStore
 from stream_guard.pipeline.decide import dead_letter, unexpected
 from stream_guard.pipeline.moderator import Moderator
@@ -65,6 +79,7 @@ class FastWorker:
         self.policies: LivePolicies | None = None
         self.shadow: ShadowScorer | None = None  # shadow policy hook (issue 16)
         self.acks: InOrderAcks | None = None
+        self.window: BatchWindow | None = None
         self._started = asyncio.Event()
         self.in_flight = asyncio.Semaphore(settings.batch.max_in_flight)
         self.max_unacked = settings.batch.max_size * settings.batch.max_in_flight * 20
@@ -82,7 +97,7 @@ class FastWorker:
         return self.health.failing
 
     def _work_waiting(self) -> bool:
-        return bool(self.tasks)
+        return bool(self.tasks) or bool(self.window and self.window.pending())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -134,19 +149,16 @@ class FastWorker:
         async def moderate(stream: faust.StreamT) -> None:
             batch_cfg = worker.settings.batch
             worker.acks = acks = InOrderAcks(stream)
-            async for events in stream.noack_take(batch_cfg.max_size, within=batch_cfg.window_s):
-                events = list(events)
-                acks.received(events)
-                # Finished events wait for an earlier one still retrying: bound how many
-                # (memory, and the redo after a crash) by not taking more meanwhile.
-                await acks.wait_below(worker.max_unacked, give_up=lambda: worker.stopping)
-                await worker.in_flight.acquire()
-                if worker.stopping:  # draining: leave the batch unacked for the next owner
-                    worker.in_flight.release()
-                    continue
-                task = asyncio.ensure_future(worker._handle(events))
-                worker.tasks.add(task)
-                task.add_done_callback(worker._batch_done)
+            worker.window = window = BatchWindow(
+                batch_cfg.max_size, batch_cfg.window_s, worker._highwater
+            )
+            dispatcher = asyncio.ensure_future(worker._dispatch(window, acks))
+            dispatcher.add_done_callback(worker._dispatcher_done)
+            try:
+                # One event per take, as it arrives: the window decides how long a batch waits.
+                await window.feed(stream.noack_take(1, within=1.0))
+            finally:
+                dispatcher.cancel()
 
         @app.task
         async def startup() -> None:
@@ -168,6 +180,33 @@ class FastWorker:
         async def on_shutdown(app, **kwargs):  # type: ignore[no-untyped-def]
             await worker.drain()
 
+    async def _dispatch(self, window: BatchWindow, acks: InOrderAcks) -> None:
+        """Cut batches from the window whenever an in-flight slot is free, and start them."""
+        while True:
+            await self.in_flight.acquire()
+            events = await window.next_batch()
+            acks.received(events)
+            # Finished events wait for an earlier one still retrying: bound how many
+            # (memory, and the redo after a crash) by not taking more meanwhile.
+            await acks.wait_below(self.max_unacked, give_up=lambda: self.stopping)
+            if self.stopping:  # draining: leave the batch unacked for the next owner
+                self.in_flight.release()
+                continue
+            task = asyncio.ensure_future(self._handle(events))
+            self.tasks.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _highwater(self, topic: str, partition: int) -> int | None:
+        """The high watermark of the last fetch response for a partition (never ListOffsets)."""
+        return self.app.consumer.highwater(TP(topic, partition))
+
+    @staticmethod
+    def _dispatcher_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug: events queue up unprocessed and liveness fails (work waiting, no progress),
+            # so Kubernetes restarts the worker; nothing is acked meanwhile.
+            log.error("batch dispatcher failed", exc_info=task.exception())
+
     def _batch_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -181,8 +220,12 @@ class FastWorker:
             await self._started.wait()
             records = [record_of(e) for e in events]
             obs.BATCH_SIZE.observe(len(records))
-            links = [link for r in records if (link := obs.link_to(r.headers))]
-            with obs.tracer().start_as_current_span(
+            links = (
+                [link for r in records if (link := obs.link_to(r.headers))]
+                if obs.recording()
+                else []
+            )
+            with obs.span(
                 f"{records[0].topic} process batch",
                 kind=SpanKind.CONSUMER,
                 links=links,
@@ -192,7 +235,7 @@ class FastWorker:
                 },
             ):
                 results = await self._process_with_retry(records)
-                with obs.tracer().start_as_current_span("publish", kind=SpanKind.PRODUCER):
+                with obs.span("publish", kind=SpanKind.PRODUCER):
                     await self._publish(results)
             assert self.acks is not None
             await self.acks.finish(events)

@@ -9,10 +9,16 @@ before Pillow allocates or decodes a single pixel, so a hostile upload costs alm
 other exception from Pillow is wrapped (``IMAGE_UNDECODABLE``, cause chained). Pillow's global
 knobs (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) are never touched: our
 own limits come first and Pillow's decompression-bomb guard stays as a second line of defence.
+
+Decoding only what the models need (issue 14): given a :class:`NeededSize`, a JPEG is decoded
+at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``) as long as the decoded
+image still has the resolution every model that reads it needs. Every check above still runs on
+the file's real size first; only the pixels are fewer.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import struct
@@ -24,9 +30,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from stream_guard.errors import ErrorCode, MediaError
 
 __all__ = [
+    "DETECTOR_SIZE",
     "DecodedImage",
     "DetectorInput",
     "ImageLimits",
+    "NeededSize",
     "RESAMPLE",
     "SUPPORTED_FORMATS",
     "TowerInput",
@@ -96,8 +104,40 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class NeededSize:
+    """The least resolution the models that read an image need from it.
+
+    The decoded image keeps its longest side >= ``longest`` and its shortest side >=
+    ``shortest`` (0: no need). ``a | b`` is what both need: one decode serves every model.
+    """
+
+    longest: int = 0
+    shortest: int = 0
+
+    def __or__(self, other: NeededSize) -> NeededSize:
+        return NeededSize(max(self.longest, other.longest), max(self.shortest, other.shortest))
+
+    def reduction(self, width: int, height: int) -> int:
+        """The largest JPEG scale denominator (8, 4, 2; else 1) that keeps this resolution."""
+        for k in (8, 4, 2):
+            w, h = -(-width // k), -(-height // k)  # libjpeg rounds scaled sizes up
+            if width >= k and height >= k and max(w, h) >= self.longest:
+                if min(w, h) >= self.shortest:
+                    return k
+        return 1
+
+
+# NudeNet 320n pads to a square and resizes it to 320: it needs the longest side at 320.
+DETECTOR_SIZE = NeededSize(longest=320)
+
+
+@dataclass(frozen=True)
 class DecodedImage:
-    """The first frame of an upload as upright RGB: ``rgb`` is read-only uint8 [H, W, 3]."""
+    """The first frame of an upload as upright RGB: ``rgb`` is read-only uint8 [H, W, 3].
+
+    ``reduced`` > 1: a JPEG decoded at 1/``reduced`` of its size because the caller needed no
+    more (``decode_image(needed=...)``); ``width`` and ``height`` are the decoded pixels.
+    """
 
     rgb: np.ndarray
     width: int
@@ -105,20 +145,27 @@ class DecodedImage:
     format: str  # the sniffed format (MPO is reported as JPEG)
     frames: int  # frames in the file; only the first is decoded
     orientation_applied: bool  # an EXIF orientation other than 1 was applied
+    reduced: int = 1
 
 
 def decode_image(
-    data: bytes, *, content_type: str | None, limits: ImageLimits = ImageLimits()
+    data: bytes,
+    *,
+    content_type: str | None,
+    limits: ImageLimits = ImageLimits(),
+    needed: NeededSize | None = None,
 ) -> DecodedImage:
     """Validate and decode one untrusted upload; raise only MediaError for bad input.
 
     ``content_type`` is what the uploader declared (None or octet-stream: not checked).
+    ``needed``: decode a JPEG at a reduced scale that still gives this resolution (None: full
+    resolution). Other formats always decode at full resolution.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"decode_image takes bytes, got {type(data).__name__}")
     data = bytes(data)  # no copy for bytes
     try:
-        return _decode(data, content_type, limits)
+        return _decode(data, content_type, limits, needed)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -146,7 +193,9 @@ def _error(code: ErrorCode, reason: str) -> MediaError:
     return MediaError(code, reason, stage="decode")
 
 
-def _decode(data: bytes, content_type: str | None, limits: ImageLimits) -> DecodedImage:
+def _decode(
+    data: bytes, content_type: str | None, limits: ImageLimits, needed: NeededSize | None
+) -> DecodedImage:
     size = len(data)
     if size > limits.max_bytes:
         raise _error(
@@ -186,13 +235,43 @@ def _decode(data: bytes, content_type: str | None, limits: ImageLimits) -> Decod
                 ErrorCode.IMAGE_TOO_MANY_FRAMES,
                 f"{frames} or more frames, over the limit of {limits.max_frames}",
             )
-        im.load()  # the first frame only; raises OSError on truncated data
-        _check_dimensions(im.size, limits, "decoded image")
+        reduced = _load(im, limits, needed if fmt == "JPEG" else None)
         oriented, orientation_applied = _apply_orientation(im)
         rgb = _to_rgb(oriented)
     rgb.flags.writeable = False
     height, width = rgb.shape[:2]
-    return DecodedImage(rgb, width, height, fmt, frames, orientation_applied)
+    return DecodedImage(rgb, width, height, fmt, frames, orientation_applied, reduced)
+
+
+def _load(im: Image.Image, limits: ImageLimits, needed: NeededSize | None) -> int:
+    """Decode the first frame (at 1/k scale when ``needed`` allows a JPEG draft); returns k.
+    Raises OSError on truncated data."""
+    reduced = _draft(im, needed) if needed is not None else 1
+    expected = im.size
+    im.load()
+    if reduced == 1:
+        _check_dimensions(im.size, limits, "decoded image")
+    elif im.size != expected:  # the file's real size was checked before the draft
+        raise _error(
+            ErrorCode.IMAGE_UNDECODABLE,
+            f"JPEG decoded at 1/{reduced} scale to {im.size}, expected {expected}",
+        )
+    return reduced
+
+
+def _draft(im: Image.Image, needed: NeededSize) -> int:
+    """Ask libjpeg for a 1/k scale decode (k from ``needed``); the k Pillow accepted."""
+    width, height = im.size
+    k = needed.reduction(width, height)
+    if k == 1:
+        return 1
+    # Pillow picks the largest k in 8, 4, 2 with k <= min(W // w, H // h): for w = W // k that
+    # is exactly k (W // (W // k) < 2k). It declines (None) for multi-tile images.
+    drafted = im.draft(None, (width // k, height // k))
+    if drafted is None:
+        return 1
+    _, box = drafted
+    return round(width / box[2])
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -515,37 +594,71 @@ def preprocess_for_detector(rgb: np.ndarray, size: int = 320) -> DetectorInput:
     if min(h, w) == 0:
         raise ValueError(f"empty image {rgb.shape}")
     side = max(h, w)
-    xs, xw = _linear_taps(side, size)
-    ys, yw = _linear_taps(side, size)
-    # cv2.resize turns an exact 2x downscale into INTER_AREA; its 2x2 mean equals these taps
-    # (weights 1024/1024) with this rounding, so that case needs no branch of its own.
-
-    # Gather the two rows and two columns each output pixel reads (padding reads as black), in
-    # one take per axis, then work on [rows, size * 3] so weights broadcast contiguously.
-    rows = _take(rgb, np.concatenate(ys), axis=0, limit=h)  # [2 * size, w, 3]
-    taps = _take(rows, np.concatenate(xs), axis=1, limit=w).astype(np.int32)
-    taps = taps.reshape(2 * size, 2, 3 * size)  # [row tap, column tap, x * channel]
-    left, right = taps[:, 0], taps[:, 1]
-    left *= np.repeat(xw[0], 3)
-    right *= np.repeat(xw[1], 3)
-    left += right
-    top, bottom = left[:size], left[size:]
-    # OpenCV's VResizeLinearVec_32s8u: ((S0>>4)*b0 >> 16) + ((S1>>4)*b1 >> 16), then (+2) >> 2.
-    top >>= 4
-    top *= yw[0][:, None]
-    top >>= 16
-    bottom >>= 4
-    bottom *= yw[1][:, None]
-    bottom >>= 16
-    top += bottom
-    top += 2
-    top >>= 2
-    out = np.clip(top, 0, 255).astype(np.uint8).reshape(size, size, 3)
+    if side == size:  # the taps are the identity: only the padding is left to do
+        out = np.zeros((size, size, 3), np.uint8)
+        out[:h, :w] = rgb
+    elif side == 2 * size:
+        out = _halve(rgb, size)
+    else:
+        out = _resize_linear(rgb, side, size)
     return DetectorInput(out, side / size, side - w, side - h, w, h)
 
 
-def _linear_taps(src: int, dst: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Source indices and 11-bit fixed-point weights of cv2's INTER_LINEAR along one axis."""
+def _halve(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An exact 2x downscale of the padded square: cv2 turns it into INTER_AREA, the rounded
+    2x2 mean, which equals the linear taps below (weights 1024/1024, same rounding)."""
+    h, w = rgb.shape[:2]
+    if h % 2 or w % 2:  # the padding's black row / column completes the last 2x2 cell
+        even = np.zeros((h + h % 2, w + w % 2, 3), np.uint8)
+        even[:h, :w] = rgb
+        rgb, h, w = even, h + h % 2, w + w % 2
+    total = rgb[0::2, 0::2].astype(np.uint16)
+    total += rgb[0::2, 1::2]
+    total += rgb[1::2, 0::2]
+    total += rgb[1::2, 1::2]
+    total += 2
+    total >>= 2
+    out = np.zeros((size, size, 3), np.uint8)
+    out[: h // 2, : w // 2] = total
+    return out
+
+
+def _resize_linear(rgb: np.ndarray, side: int, size: int) -> np.ndarray:
+    """cv2.resize(INTER_LINEAR) of ``rgb`` padded with black to ``side`` square, in OpenCV's
+    own fixed-point arithmetic (horizontal pass, then its SIMD vertical pass)."""
+    h, w = rgb.shape[:2]
+    x0, x1, xw0, xw1 = _column_taps(side, size, w)
+    y0, y1, yw0, yw1 = _linear_taps(side, size, h)
+    flat = rgb.reshape(h, w * 3)
+    rows = np.concatenate((y0, y1))
+    # Gather along the shorter way first: rows repeat when the image has few of them.
+    if h < len(rows):
+        left, right = np.take(flat, x0, axis=1)[rows], np.take(flat, x1, axis=1)[rows]
+    else:
+        picked = flat[rows]
+        left, right = np.take(picked, x0, axis=1), np.take(picked, x1, axis=1)
+    # Padding reads as black: its taps carry weight 0 instead of their (clamped) pixel.
+    acc = left * xw0  # uint8 x int32 -> int32 [2 * size, 3 * size]
+    acc += right * xw1
+    # OpenCV's VResizeLinearVec_32s8u: ((S0>>4)*b0 >> 16) + ((S1>>4)*b1 >> 16), then (+2) >> 2.
+    acc >>= 4
+    top, bottom = acc[:size], acc[size:]
+    top *= yw0[:, None]
+    top >>= 16
+    bottom *= yw1[:, None]
+    bottom >>= 16
+    top += bottom
+    top += 2
+    top >>= 2  # 0..255 by construction: the weights of each pass sum to 1
+    return top.astype(np.uint8).reshape(size, size, 3)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_taps(
+    src: int, dst: int, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and 11-bit fixed-point weights of cv2's INTER_LINEAR along one axis of
+    length ``src`` whose indices from ``limit`` on are padding (weight 0, index clamped)."""
     scale = src / dst
     f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
     i0 = np.floor(f).astype(np.int64)
@@ -557,19 +670,30 @@ def _linear_taps(src: int, dst: int) -> tuple[list[np.ndarray], list[np.ndarray]
     w0 = np.rint((np.float32(1) - frac) * np.float32(2048)).astype(np.int32)
     w1 = np.rint(frac * np.float32(2048)).astype(np.int32)
     i1 = np.minimum(i0 + 1, src - 1)
-    return [i0, i1], [w0, w1]
+    w0[i0 >= limit] = 0
+    w1[i1 >= limit] = 0
+    taps = (np.minimum(i0, limit - 1), np.minimum(i1, limit - 1), w0, w1)
+    for a in taps:
+        a.flags.writeable = False  # cached: shared by every call
+    return taps
 
 
-def _take(a: np.ndarray, idx: np.ndarray, *, axis: int, limit: int) -> np.ndarray:
-    """``a`` indexed along ``axis``, where indices past ``limit`` (the padding) read zero."""
-    taken = np.take(a, np.minimum(idx, limit - 1), axis=axis)
-    outside = idx >= limit
-    if outside.any():
-        if axis == 0:
-            taken[outside] = 0
-        else:
-            taken[:, outside] = 0
-    return taken
+@functools.lru_cache(maxsize=64)
+def _column_taps(
+    src: int, dst: int, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_linear_taps`` for the columns of a [rows, width * 3] RGB view: per channel."""
+    i0, i1, w0, w1 = _linear_taps(src, dst, limit)
+    channel = np.arange(3)
+    taps = (
+        (i0[:, None] * 3 + channel).ravel(),
+        (i1[:, None] * 3 + channel).ravel(),
+        np.repeat(w0, 3),
+        np.repeat(w1, 3),
+    )
+    for a in taps:
+        a.flags.writeable = False
+    return taps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +731,10 @@ class TowerInput:
             raise ValueError(f"TowerInput.resize must be squash or shortest_edge: {self.resize!r}")
         if self.resample not in RESAMPLE:
             raise ValueError(f"TowerInput.resample must be one of {sorted(RESAMPLE)}")
+
+    def needed(self) -> NeededSize:
+        """Both resize rules read at least ``size`` pixels along the shorter side."""
+        return NeededSize(shortest=self.size)
 
 
 def preprocess_for_tower(rgb: np.ndarray, tower: TowerInput) -> np.ndarray:

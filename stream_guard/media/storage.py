@@ -19,6 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stream_guard.errors import DependencyUnavailable, ErrorCode, MediaError
 from stream_guard.events import ImageRef
+from stream_guard.observability import cpu_timed
 from stream_guard.settings import S3Settings
 
 __all__ = [
@@ -153,8 +154,9 @@ class ObjectStore:
         # time queued behind other fetches never counts against it.
         async with self._slots:
             try:
+                get = cpu_timed("fetch", self._get)  # boto3's CPU per object (issue 14)
                 return await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self._get, ref), self.settings.timeout_s * 3
+                    loop.run_in_executor(self._pool, get, ref), self.settings.timeout_s * 3
                 )
             except TimeoutError as e:
                 raise DependencyUnavailable("s3", f"timed out fetching {ref.uri}") from e

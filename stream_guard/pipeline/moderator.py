@@ -8,7 +8,9 @@ the whole batch later without acking anything.
 
 Each image is decoded once and prepared for every model that reads it: the detector's 320 px
 square, the OCR model's capped size (``ocr: true`` policies), and the exported image tower's
-input (policies with an image head: the tower's size and resize rule, read from Triton). With
+input (policies with an image head: the tower's size and resize rule, read from Triton). The
+decode itself stops at the resolution the largest of those needs (a JPEG is decoded at 1/2, 1/4
+or 1/8 scale when that still covers it: ``media.decode.NeededSize``). With
 an image head, an upload's image evidence is its worst image under the policy's image head
 (image and caption embeddings from the dual encoder), and each category's score is the higher
 of the text head's and the image head's.
@@ -27,15 +29,16 @@ from opentelemetry.trace import SpanKind
 
 from stream_guard.errors import PermanentError, TransientError
 from stream_guard.events import UploadEvent
+from stream_guard.media.decode import DETECTOR_SIZE, ImageLimits, NeededSize, TowerInput
 from stream_guard.media.storage import ByteBudget, ObjectStore
-from stream_guard.observability import extract, inject, tracer
+from stream_guard.observability import cpu_stage, extract, inject, span, tracer
 from stream_guard.pipeline.decide import dead_letter, decide, parse_upload, unexpected
 from stream_guard.pipeline.records import Record, Result
 from stream_guard.policy.model import IMAGE_SIGNALS
 from stream_guard.policy.registry import ActiveHead, PolicyRegistry
 from stream_guard.settings import Settings
 from stream_guard.text import image_text_segments, segments
-from stream_guard.triton import N_SIGNALS, GuardModels
+from stream_guard.triton import MAX_SIDE, N_SIGNALS, GuardModels
 
 __all__ = [
     "Moderator",
@@ -81,6 +84,21 @@ async def _none() -> None:
     return None
 
 
+# The worker sends the OCR model at most MAX_SIDE px on the longest side: a larger JPEG may be
+# decoded at a reduced scale, down to that.
+OCR_SIZE = NeededSize(longest=MAX_SIDE)
+
+
+def _needed(ocr: bool, tower: TowerInput | None) -> NeededSize:
+    """The resolution one decode must keep for every model that reads the image."""
+    needed = DETECTOR_SIZE
+    if tower is not None:
+        needed |= tower.needed()
+    if ocr:
+        needed |= OCR_SIZE
+    return needed
+
+
 def _head_rows(group: list[_Item], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The head's input rows for a group: one row per text segment (zero embedding for an item
     without text), image signals on each item's first row only; ``owner`` maps rows to items."""
@@ -108,15 +126,22 @@ class Moderator:
         self.registry = registry
         self._decode_pool = ThreadPoolExecutor(settings.media.decode_workers, "decode")
         self._buffered = ByteBudget(settings.media.max_buffered_bytes)
+        m = settings.media
+        self._limits = ImageLimits(
+            max_bytes=settings.s3.max_object_bytes,
+            max_pixels=m.max_pixels,
+            max_side=m.max_side,
+            max_frames=m.max_frames,
+        )
 
     async def _load_image(self, ref, ocr: bool = False, tower=None) -> PreparedImage:
         # Fetched bytes wait for the decode pool; the budget bounds them in bytes, not count.
         async with self._buffered.reserve(self.settings.s3.max_object_bytes):
-            with tracer().start_as_current_span("s3 get", kind=SpanKind.CLIENT) as span:
-                span.set_attribute("s3.uri", ref.uri)
+            with span("s3 get", kind=SpanKind.CLIENT) as get_span:
+                get_span.set_attribute("s3.uri", ref.uri)
                 obj = await self.store.fetch(ref)
             loop = asyncio.get_running_loop()
-            with tracer().start_as_current_span("image decode"):
+            with span("image decode"):
                 return await loop.run_in_executor(
                     self._decode_pool,
                     self._decode,
@@ -130,32 +155,31 @@ class Moderator:
         self, data: bytes, content_type: str | None, ocr: bool = False, tower=None
     ) -> PreparedImage:
         from stream_guard.media.decode import (
-            ImageLimits,
             decode_image,
             preprocess_for_detector,
             preprocess_for_tower,
         )
 
-        m = self.settings.media
-        limits = ImageLimits(
-            max_bytes=self.settings.s3.max_object_bytes,
-            max_pixels=m.max_pixels,
-            max_side=m.max_side,
-            max_frames=m.max_frames,
-        )
-        image = decode_image(data, content_type=content_type, limits=limits)
-        detector = preprocess_for_detector(image.rgb).image
-        sized = preprocess_for_tower(image.rgb, tower) if tower is not None else None
-        read = None
-        if ocr:  # the OCR model reads the image near its own resolution, not the 320px thumbnail
-            from stream_guard.triton import prepare_for_ocr
+        with cpu_stage("decode"):
+            image = decode_image(
+                data,
+                content_type=content_type,
+                limits=self._limits,
+                needed=_needed(ocr, tower),
+            )
+        with cpu_stage("preprocess"):
+            detector = preprocess_for_detector(image.rgb).image
+            sized = preprocess_for_tower(image.rgb, tower) if tower is not None else None
+            read = None
+            if ocr:  # the OCR model reads the image near its own resolution, not 320 px
+                from stream_guard.triton import prepare_for_ocr
 
-            read = prepare_for_ocr(image.rgb)
+                read = prepare_for_ocr(image.rgb)
         return PreparedImage(detector, sized, read)
 
     async def _prepare(self, record: Record) -> _Item | Result:
         # One span per upload, child of the producer's context: one trace per upload.
-        with tracer().start_as_current_span(
+        with tracer().start_as_current_span(  # always: it carries the upload's trace context
             f"{record.topic} process",
             context=extract(record.headers),
             kind=SpanKind.CONSUMER,
@@ -165,26 +189,29 @@ class Moderator:
                 "messaging.destination.partition.id": str(record.partition),
                 "messaging.kafka.offset": record.offset,
             },
-        ) as span:
-            headers = inject()
+        ) as upload_span:
+            with cpu_stage("parse"):
+                headers = inject()
+                try:
+                    upload = parse_upload(record, self.settings.kafka.max_event_bytes)
+                except PermanentError as e:
+                    upload_span.set_attribute("stream_guard.error_code", str(e.code))
+                    return dead_letter(record, e, headers=headers)
+                upload_span.set_attribute("stream_guard.upload_id", upload.upload_id)
+                head = self.registry.for_tenant(upload.tenant_id)
+                item = _Item(record, upload, head, trace_headers=headers)
+                ocr = head.policy.ocr
+                tower = head.image.guard.tower_input() if head.image else None
             try:
-                upload = parse_upload(record, self.settings.kafka.max_event_bytes)
-            except PermanentError as e:
-                span.set_attribute("stream_guard.error_code", str(e.code))
-                return dead_letter(record, e, headers=headers)
-            span.set_attribute("stream_guard.upload_id", upload.upload_id)
-            item = _Item(
-                record, upload, self.registry.for_tenant(upload.tenant_id), trace_headers=headers
-            )
-            ocr = item.head.policy.ocr
-            tower = item.head.image.guard.tower_input() if item.head.image else None
-            try:
-                loaded = await asyncio.gather(
-                    *(self._load_image(r, ocr, tower) for r in upload.images)
-                )
+                if len(upload.images) == 1:  # the common case: no task and gather per upload
+                    loaded = [await self._load_image(upload.images[0], ocr, tower)]
+                else:
+                    loaded = await asyncio.gather(
+                        *(self._load_image(r, ocr, tower) for r in upload.images)
+                    )
                 _take_images(item, loaded)
             except PermanentError as e:
-                span.set_attribute("stream_guard.error_code", str(e.code))
+                upload_span.set_attribute("stream_guard.error_code", str(e.code))
                 return dead_letter(record, e, upload.upload_id, headers=headers)
             return item
 
@@ -195,7 +222,7 @@ class Moderator:
         items = [p for p in prepared if isinstance(p, _Item)]
         scored, failed = await self._score_isolating(items) if items else ({}, {})
         results: list[Result] = []
-        with tracer().start_as_current_span("policy decide"):
+        with span("policy decide"), cpu_stage("serialise"):
             for p in prepared:
                 if isinstance(p, Result):
                     results.append(p)
@@ -252,28 +279,39 @@ class Moderator:
         """Scores per item: every text segment (windows, normalised forms, image text) is a row
         of the head; the first row of an item carries its image signals; each category keeps
         its maximum over the item's rows."""
-        all_images = [img for i in items for img in i.images]
         budget = self.settings.text.max_segments
 
         async def embed():
             await self._read_image_text(items)  # detect() runs meanwhile
-            for i in items:
-                segs = segments(i.upload.text, budget)
-                i.truncated = segs.truncated
-                i.texts = segs.texts + (image_text_segments(i.ocr_text) if i.ocr_text else [])
-            texts = [t for i in items for t in i.texts]
-            with tracer().start_as_current_span("triton infer text_encoder", kind=SpanKind.CLIENT):
+            with cpu_stage("preprocess"):  # the text tower's windows and normalised forms
+                for i in items:
+                    segs = segments(i.upload.text, budget)
+                    i.truncated = segs.truncated
+                    i.texts = segs.texts + (image_text_segments(i.ocr_text) if i.ocr_text else [])
+                texts = [t for i in items for t in i.texts]
+            with span("triton infer text_encoder", kind=SpanKind.CLIENT):
                 return await self.models.embed_texts(texts)
 
         async def detect():
-            with tracer().start_as_current_span(
-                "triton infer image_detector", kind=SpanKind.CLIENT
-            ):
-                return await self.models.detect(
-                    np.stack(all_images) if all_images else np.zeros((0,))
-                )
+            with cpu_stage("score"):
+                all_images = [img for i in items for img in i.images]
+                batch = np.stack(all_images) if all_images else np.zeros((0,))
+            with span("triton infer image_detector", kind=SpanKind.CLIENT):
+                return await self.models.detect(batch)
 
         embeddings, signals, _ = await asyncio.gather(embed(), detect(), self._judge_images(items))
+        with cpu_stage("score"):
+            self._spread(items, embeddings, signals)
+        scores = await self._text_scores(items)
+        with cpu_stage("score"):
+            for i in items:  # a category is as unsafe as its worst evidence, text or image
+                if i.image_scores is not None:
+                    scores[id(i)] = np.maximum(scores[id(i)], i.image_scores)
+        return scores
+
+    @staticmethod
+    def _spread(items: list[_Item], embeddings: np.ndarray, signals: np.ndarray) -> None:
+        """Each item's share of the batch's detector signals and text embeddings."""
         start = 0
         for i in items:
             n = len(i.images)
@@ -286,11 +324,6 @@ class Moderator:
         for i in items:
             i.embeddings = embeddings[start : start + len(i.texts)]
             start += len(i.texts)
-        scores = await self._text_scores(items)
-        for i in items:  # a category is as unsafe as its worst evidence, text or image
-            if i.image_scores is not None:
-                scores[id(i)] = np.maximum(scores[id(i)], i.image_scores)
-        return scores
 
     async def _text_scores(self, items: list[_Item]) -> dict[int, np.ndarray]:
         """The policies' heads over the items' text rows (and detector signals)."""
@@ -299,11 +332,13 @@ class Moderator:
             groups.setdefault((i.head.model_name, i.head.version), []).append(i)
         scores: dict[int, np.ndarray] = {}
         for (model, version), group in groups.items():
-            rows_emb, rows_sig, owner = _head_rows(group, self.models.embed_width)
-            with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
+            with cpu_stage("score"):
+                rows_emb, rows_sig, owner = _head_rows(group, self.models.embed_width)
+            with span(f"triton infer {model}", kind=SpanKind.CLIENT):
                 out = await self.models.score(model, version, rows_emb, rows_sig)
-            for n, i in enumerate(group):
-                scores[id(i)] = out[owner == n].max(axis=0)
+            with cpu_stage("score"):
+                for n, i in enumerate(group):
+                    scores[id(i)] = out[owner == n].max(axis=0)
         return scores
 
     async def _judge_images(self, items: list[_Item]) -> None:
@@ -314,7 +349,7 @@ class Moderator:
             return
         texts = [i.upload.text.joined() for i in wanted]
         captioned = [t for t in texts if t]
-        with tracer().start_as_current_span("triton infer image_tower", kind=SpanKind.CLIENT):
+        with span("triton infer image_tower", kind=SpanKind.CLIENT):
             image_emb, caption_emb = await asyncio.gather(
                 self.models.embed_images(np.stack([g for i in wanted for g in i.tower_images])),
                 self.models.embed_image_texts(captioned) if captioned else _none(),
@@ -331,7 +366,7 @@ class Moderator:
             rows = [r for n in members for r in range(starts[n], starts[n + 1])]
             owner = np.repeat(members, [len(wanted[n].tower_images) for n in members])
             cap_rows = np.stack([caps[n] for n in owner])
-            with tracer().start_as_current_span(f"triton infer {model}", kind=SpanKind.CLIENT):
+            with span(f"triton infer {model}", kind=SpanKind.CLIENT):
                 out = await self.models.image_scores(model, version, image_emb[rows], cap_rows)
             for n in members:
                 wanted[n].image_scores = out[owner == n].max(axis=0)
@@ -344,7 +379,7 @@ class Moderator:
             return
         from stream_guard.triton import image_text, read_text
 
-        with tracer().start_as_current_span("triton infer ocr", kind=SpanKind.CLIENT):
+        with span("triton infer ocr", kind=SpanKind.CLIENT):
             lines = await read_text(
                 self.models.client,
                 [g for i in wanted for g in i.ocr_images],

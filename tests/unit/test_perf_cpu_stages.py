@@ -85,7 +85,8 @@ def test_an_unknown_stage_is_refused():
         obs.cpu_stage("everything")
 
 
-def test_the_moderator_decodes_at_the_detector_size_and_counts_decode_and_preprocess():
+async def test_the_moderator_decodes_at_the_detector_size_and_counts_decode_and_preprocess():
+    # async: the Triton client it builds needs a running event loop
     from stream_guard.media.storage import ObjectStore
     from stream_guard.pipeline.moderator import Moderator
     from stream_guard.settings import Settings

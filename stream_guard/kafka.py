@@ -44,6 +44,7 @@ from stream_guard.retry import backoff_delays
 from stream_guard.settings import KafkaSettings, RetrySettings, TelemetrySettings
 
 __all__ = [
+    "aiokafka_options",
     "FETCH_MAX_WAIT_MS",
     "BatchWindow",
     "Health",
@@ -112,6 +113,26 @@ def _credentials(kafka: KafkaSettings) -> Any:
         ssl_context=context,
         mechanism=kafka.sasl_mechanism or "PLAIN",
     )
+
+
+def aiokafka_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Plain aiokafka client keyword arguments (tools beside the workers: CLI, review console):
+    bootstrap servers, security protocol, TLS and SASL, from the same settings as Faust's."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context(
+            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
+        )
+    if kafka.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = kafka.sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = (
+            kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        )
+    return options
 
 
 def message_headers(record_headers: Any) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ Same broker credentials and TLS as the workers (``settings.kafka``), same S3 end
 from __future__ import annotations
 
 import logging
-import ssl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,23 +24,11 @@ _STACK_HINT = (
 
 
 def kafka_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """aiokafka keyword arguments: bootstrap servers, security protocol, TLS and SASL."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": kafka.bootstrap_servers,
-        "security_protocol": kafka.security_protocol,
-        "request_timeout_ms": 15_000,
-    }
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context(
-            cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None
-        )
-    if kafka.security_protocol.startswith("SASL_"):
-        options["sasl_mechanism"] = kafka.sasl_mechanism or "PLAIN"
-        options["sasl_plain_username"] = kafka.sasl_username
-        options["sasl_plain_password"] = (
-            kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
-        )
-    return options
+    """aiokafka keyword arguments for the CLI: the workers' security settings, and a bounded
+    request timeout so a command never hangs on an unreachable broker."""
+    from stream_guard.kafka import aiokafka_options
+
+    return {**aiokafka_options(kafka), "request_timeout_ms": 15_000}
 
 
 async def start_kafka_client(client: Any, kafka: KafkaSettings) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 
 from stream_guard.errors import PolicyError
+from stream_guard.policy.datasets import DATASETS_ENV, dataset_rows
 from stream_guard.policy.head_graph import (
     Bank,
     HeadParams,
@@ -52,6 +54,8 @@ from stream_guard.policy.training import (
     operating_points,
     score_map,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCK_PRECISION",
@@ -85,6 +89,7 @@ FOLDS = 4
 WORDS_ESCALATE_SHARE = 0.03
 WORDS_SPREAD = 1.5  # block no nearer than this many benign standard deviations above allow
 # Prototypes per category taken from labelled rows (bounded graph size).
+DATASET_SHARE = 0.3  # public datasets' total training weight, relative to the policy's rows
 MAX_PACK_POS = 150
 MAX_PACK_NEG = 150
 MAX_SHARED_NEG = 100
@@ -161,6 +166,55 @@ def _labelled_rows(policy: Policy, pack: Sequence[PackRow], extra) -> list[_Row]
     codes = policy.codes
     rows = [_Row(r.text, set(r.labels), _fold(r.id), _owner(r.id, codes)) for r in pack]
     return rows + [_Row(t, lab, _fold(t), None) for t, lab in extra]
+
+
+@dataclass(frozen=True)
+class _Public:
+    """Embedded train/calib rows of the policy's public datasets. They train the MLP only:
+    they are no prototypes, no kNN neighbours (a tweet is not the policy's benign background,
+    and the served head stays small) and no calibration rows (their easy negatives would move
+    the escalation band the policy's own rows place)."""
+
+    vectors: np.ndarray
+    sig: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+
+
+def _public_rows(policy: Policy) -> list[PackRow]:
+    rows = []
+    for ref in policy.datasets:
+        if not ref.available or ref.path is None:
+            log.warning(
+                "dataset %s is not on this machine (set %s): the head is compiled without it",
+                ref.name,
+                DATASETS_ENV,
+            )
+            continue
+        read = dataset_rows(ref.name, Path(ref.path), ref.labels)
+        rows += [r for r in read if r.split != "heldout"]
+    return rows
+
+
+def _public(policy: Policy, embed: Embed, n_sig: int) -> _Public | None:
+    rows = _public_rows(policy)
+    if not rows:
+        return None
+    emb, sig = _embedded(embed, [r.text for r in rows], n_sig)
+    labels = np.array([[c in r.labels for c in policy.codes] for r in rows], dtype=np.float64)
+    return _Public(emb, sig, labels, np.array([_fold(r.id) for r in rows]))
+
+
+def _public_inputs(sub: Bank, public: _Public, rows: np.ndarray) -> np.ndarray:
+    f = bank_features(sub, public.vectors[rows], words=False)
+    return mlp_inputs(public.vectors[rows], f, public.sig[rows])
+
+
+def _embedded(embed: Embed, texts: list[str], n_sig: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L2-normalised embeddings, text signals) of ``texts`` from the served tower."""
+    vectors = np.asarray(embed(texts), dtype=np.float64)
+    dim = vectors.shape[1] - n_sig
+    return _normalise(vectors[:, :dim]), vectors[:, dim:]
 
 
 def _dedupe(rows: list[_Row]) -> list[_Row]:
@@ -244,12 +298,14 @@ def compile_head(
     extra_texts: Sequence[str] = (),
     extra_labels: np.ndarray | None = None,
     use_pack: bool = True,
+    use_datasets: bool = True,
     text_signals: Sequence[str] = (),
 ) -> CompiledHead:
     """Compile ``policy`` into an ONNX head using ``embed`` (the served text tower).
 
     ``extra_texts`` / ``extra_labels`` [n, C] (``stream-guard head train``) join the pack's
-    labelled rows. ``text_signals`` names the columns the tower sends after its embedding.
+    labelled rows, as do the policy's datasets (``use_datasets``). ``text_signals`` names the
+    columns the tower sends after its embedding.
     """
     codes = policy.codes
     extra = []
@@ -261,25 +317,24 @@ def compile_head(
         pack = [r for r in load_pack(Path(policy.pack), codes).rows if r.split != "heldout"]
     background = [_Row(t, set(), None, None) for t in _background()]
     rows = _dedupe(_policy_rows(policy) + _labelled_rows(policy, pack, extra) + background)
-    vectors = np.asarray(embed([r.text for r in rows]), dtype=np.float64)
-    n_sig = len(text_signals)
-    dim = vectors.shape[1] - n_sig
-    emb, sig = _normalise(vectors[:, :dim]), vectors[:, dim:]
+    emb, sig = _embedded(embed, [r.text for r in rows], len(text_signals))
     labels = np.array([[c in r.labels for c in codes] for r in rows], dtype=np.float64)
     pos, neg = _prototypes(rows, codes)
     bank = Bank(emb, labels, pos, neg)
     folds = np.array([-1 if r.fold is None else r.fold for r in rows])
-    trained = (labels[folds >= 0].sum(axis=0) >= MIN_TRAINED_POSITIVES) & policy_thresholds_ok(
-        policy
-    )
+    public = _public(policy, embed, len(text_signals)) if use_datasets else None
+    n_public = public.labels.sum(axis=0) if public is not None else 0
+    trained = (
+        labels[folds >= 0].sum(axis=0) + n_public >= MIN_TRAINED_POSITIVES
+    ) & policy_thresholds_ok(policy)
     calibration: dict[str, Calibration] = {}
     maps = np.zeros((len(MAP_FIELDS), len(codes)))
     mlp = None
     if trained.any():
-        mlp = _trained_mlp(policy, bank, sig, folds, trained, calibration, maps)
+        mlp = _trained_mlp(policy, bank, sig, folds, public, trained, calibration, maps)
     _words_anchors(policy, bank, trained, calibration, maps)
     image_map, text_map = _signal_maps(policy, text_signals)
-    params = HeadParams(bank, n_sig, trained, maps, mlp, image_map, text_map)
+    params = HeadParams(bank, len(text_signals), trained, maps, mlp, image_map, text_map)
     model = build_graph(params, len(IMAGE_SIGNALS))
     model.metadata_props.add(
         key="stream_guard.policy.model",
@@ -316,27 +371,50 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
 
 
-def _trained_mlp(policy, bank: Bank, sig, folds, trained, calibration, maps):
+def _trained_mlp(policy, bank: Bank, sig, folds, public, trained, calibration, maps):
     """K-fold cross-fitting: fold models, their out-of-fold logits calibrate each trained
     category, and their average (one wider hidden layer) is what the head serves."""
     models, oof = [], np.zeros(bank.labels.shape)
-    held = folds >= 0
+    oof_public = np.zeros(public.labels.shape) if public is not None else None
     for k in range(FOLDS):
         keep = folds != k
         sub = bank.subset(keep)
         idx = np.arange(keep.sum())
         f = bank_features(sub, sub.vectors, exclude=idx, words=False)
-        x = mlp_inputs(sub.vectors, f, sig[keep])
-        params = fit_mlp(x, sub.labels, MlpConfig(**{**vars(MLP), "seed": MLP.seed * FOLDS + k}))
+        x, y = mlp_inputs(sub.vectors, f, sig[keep]), sub.labels
+        w = np.ones(len(y))
+        if public is not None:
+            pk = public.folds != k
+            x = np.vstack([x, _public_inputs(sub, public, pk)])
+            y = np.vstack([y, public.labels[pk]])
+            # Public rows together weigh at most DATASET_SHARE of the policy's own rows.
+            share = min(1.0, DATASET_SHARE * len(w) / max(int(pk.sum()), 1))
+            w = np.concatenate([w, np.full(int(pk.sum()), share)])
+        cfg = MlpConfig(**{**vars(MLP), "seed": MLP.seed * FOLDS + k})
+        params = fit_mlp(x, y, cfg, w)
         models.append(params)
         out = folds == k
         if out.any():
             fo = bank_features(sub, bank.vectors[out], words=False)
             oof[out] = mlp_logits(mlp_inputs(bank.vectors[out], fo, sig[out]), *params)
-    y = bank.labels[held].astype(bool)
+        if public is not None:
+            oof_public[~pk] = mlp_logits(_public_inputs(sub, public, ~pk), *params)
+    calib = folds >= 0
+    own_unsafe = bank.labels.any(axis=1)
     for c, cat in enumerate(policy.categories):
         if trained[c]:
-            trained[c] = _calibrate_trained(policy, cat, oof[held, c], y[:, c], calibration, maps)
+            # A category is calibrated on its own violations against safe rows: a row that
+            # violates only another category is neither (blocked under a neighbouring code,
+            # an upload is still blocked rightly). The policy's own rows place the thresholds
+            # (public data's easy negatives would move the escalation band); public rows
+            # join only when the policy has too few.
+            rows = calib & ~(own_unsafe & (bank.labels[:, c] == 0))
+            z, y = oof[rows, c], bank.labels[rows, c].astype(bool)
+            if y.sum() < MIN_CALIB_POSITIVES and public is not None:
+                other = public.labels.any(axis=1) & (public.labels[:, c] == 0)
+                z = np.concatenate([z, oof_public[~other, c]])
+                y = np.concatenate([y, public.labels[~other, c].astype(bool)])
+            trained[c] = _calibrate_trained(policy, cat, z, y, calibration, maps)
     w1 = np.hstack([m[0] for m in models])
     b1 = np.concatenate([m[1] for m in models])
     w2 = np.vstack([m[2] for m in models]) / len(models)
@@ -403,4 +481,6 @@ def head_texts(policy: Policy, *, use_pack: bool = True) -> list[str]:
     if use_pack and policy.pack:
         pack = load_pack(Path(policy.pack), policy.codes)
         texts += [r.text for r in pack.rows if r.split != "heldout"]
+    if use_pack:
+        texts += [r.text for r in _public_rows(policy)]
     return list(dict.fromkeys(texts + _background()))

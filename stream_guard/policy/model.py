@@ -21,6 +21,7 @@ from stream_guard.events import CategoryScore, Decision
 __all__ = [
     "CODE_PATTERN",
     "Category",
+    "DatasetRef",
     "IMAGE_SIGNALS",
     "Policy",
     "Thresholds",
@@ -56,6 +57,36 @@ IMAGE_SIGNALS: tuple[str, ...] = (
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetRef(_Strict):
+    """A public labelled dataset the compiler also trains on (see ``policy/datasets.py``)."""
+
+    name: str = Field(description="a dataset reader: davidson")
+    labels: dict[str, list[str]] = Field(
+        min_length=1,
+        description="dataset class -> category codes ([] = safe); unlisted classes are unused",
+    )
+    path: str | None = Field(
+        default=None,
+        description="the dataset file, relative to the policy file (default: "
+        "$STREAM_GUARD_DATASETS/<name>/..., then ../shared/datasets of a source checkout)",
+    )
+    available: bool = Field(default=False, description="set when the policy is loaded")
+
+    @model_validator(mode="after")
+    def _known(self) -> DatasetRef:
+        from stream_guard.policy.datasets import READERS
+
+        reader = READERS.get(self.name)
+        if reader is None:
+            raise ValueError(f"unknown dataset {self.name!r}; known: {sorted(READERS)}")
+        unknown = sorted(set(self.labels) - set(reader.classes))
+        if unknown:
+            raise ValueError(
+                f"dataset {self.name}: unknown classes {unknown}; it has {list(reader.classes)}"
+            )
+        return self
 
 
 class Thresholds(_Strict):
@@ -182,6 +213,9 @@ class Policy(_Strict):
         description="labelled examples the compiler trains and calibrates on: "
         "builtin:<name> or a directory (relative to the policy file)",
     )
+    datasets: list[DatasetRef] = Field(
+        default_factory=list, description="public labelled datasets the compiler also trains on"
+    )
     digest: str = ""
 
     @model_validator(mode="after")
@@ -190,6 +224,15 @@ class Policy(_Strict):
         dupes = sorted({c for c in codes if codes.count(c) > 1})
         if dupes:
             raise ValueError(f"duplicate category codes: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _dataset_codes(self) -> Policy:
+        codes = set(self.codes)
+        for ref in self.datasets:
+            unknown = sorted({c for cs in ref.labels.values() for c in cs} - codes)
+            if unknown:
+                raise ValueError(f"dataset {ref.name} maps to unknown category codes {unknown}")
         return self
 
     @model_validator(mode="after")
@@ -262,7 +305,7 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         raise PolicyError(f"{source}: invalid policy: {problems}") from e
-    policy = _resolve_image_examples(policy, base, source)
+    policy = _resolve_datasets(_resolve_image_examples(policy, base, source), base)
     if policy.pack is None:
         return policy
     from stream_guard.policy.packs import pack_digest, pack_dir
@@ -271,8 +314,25 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
     if not directory.is_dir():
         raise PolicyError(f"{source}: pack {policy.pack!r} is not a directory ({directory})")
     # The pack is part of what the head is compiled from: its content is in the version too.
-    digest = hashlib.sha256((data["digest"] + pack_digest(directory)).encode()).hexdigest()
+    digest = hashlib.sha256((policy.digest + pack_digest(directory)).encode()).hexdigest()
     return policy.model_copy(update={"pack": str(directory), "digest": digest})
+
+
+def _resolve_datasets(policy: Policy, base: Path | None) -> Policy:
+    """Find each dataset; what was found (or that it was not) joins the digest, so a head
+    compiled without a dataset never shares a version with one compiled with it."""
+    if not policy.datasets:
+        return policy
+    from stream_guard.policy.datasets import dataset_file, file_digest
+
+    digest = hashlib.sha256(policy.digest.encode())
+    refs = []
+    for ref in policy.datasets:
+        found = dataset_file(ref.name, ref.path, base)
+        digest.update(f"{ref.name}:{file_digest(found) if found else 'absent'}".encode())
+        path = str(found) if found else ref.path
+        refs.append(ref.model_copy(update={"path": path, "available": found is not None}))
+    return policy.model_copy(update={"datasets": refs, "digest": digest.hexdigest()})
 
 
 def _resolve_image_examples(policy: Policy, base: Path | None, source: str) -> Policy:

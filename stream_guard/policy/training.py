@@ -50,17 +50,22 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_mlp(
-    x: np.ndarray, y: np.ndarray, cfg: MlpConfig = MlpConfig()
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: MlpConfig = MlpConfig(),
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weights (w1 [F, H], b1 [H], w2 [H, C], b2 [C]) of ``relu(x w1 + b1) w2 + b2`` fitted to
-    multi-label targets ``y`` [n, C] by binary cross-entropy. Inputs are standardised inside
-    the first layer (folded into w1, b1), so the returned weights take raw features."""
+    multi-label targets ``y`` [n, C] by binary cross-entropy, each row's loss scaled by
+    ``weights`` [n] (default 1). Inputs are standardised inside the first layer (folded into
+    w1, b1), so the returned weights take raw features."""
     rng = np.random.default_rng(cfg.seed)
     mean, scale = (
         _standardise(x) if cfg.standardise else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     )
     xs = ((x - mean) * scale).astype(np.float32)
     y = y.astype(np.float32)
+    w = np.ones(len(y), np.float32) if weights is None else weights.astype(np.float32)
     n, d = xs.shape
     n_out = y.shape[1]
     params = [
@@ -76,7 +81,7 @@ def fit_mlp(
         for start in range(0, n, cfg.batch):
             i = order[start : start + cfg.batch]
             step += 1
-            grads = _gradients(params, xs[i], y[i], cfg.weight_decay)
+            grads = _gradients(params, xs[i], y[i], w[i], cfg.weight_decay)
             for j, (p, g) in enumerate(zip(params, grads, strict=True)):
                 m, v = moments[j]
                 m *= 0.9
@@ -88,11 +93,11 @@ def fit_mlp(
     return (w1 * scale[:, None], b1 - (mean * scale) @ w1, w2, b2)
 
 
-def _gradients(params, x, y, decay):
+def _gradients(params, x, y, row_w, decay):
     w1, b1, w2, b2 = params
     h = np.maximum(x @ w1 + b1, 0.0)
     p = 1.0 / (1.0 + np.exp(-(h @ w2 + b2)))
-    g = (p - y) / len(x)
+    g = (p - y) * row_w[:, None] / len(x)
     gh = (g @ w2.T) * (h > 0)
     return [x.T @ gh + decay * w1, gh.sum(axis=0), h.T @ g + decay * w2, g.sum(axis=0)]
 

@@ -350,7 +350,7 @@ def test_a_category_written_in_words_catches_what_it_names_and_leaves_the_rest(m
 
 
 def test_benign_text_scores_below_allow_for_a_policy_without_labelled_data(minilm):
-    policy = load_policy(DEFAULT_POLICY).model_copy(update={"pack": None})
+    policy = load_policy(DEFAULT_POLICY).model_copy(update={"pack": None, "datasets": []})
     head = compile_head(policy, minilm)
     assert {c.method for c in head.calibration.values()} == {"words"}
     scores = _run(head.onnx_model, minilm(BENIGN_TEXTS), np.zeros((len(BENIGN_TEXTS), N_IMAGE)))

@@ -28,7 +28,9 @@ __all__ = [
     "DEFAULT_MAX_SEGMENTS",
     "STRIDE_WORDS",
     "WINDOW_WORDS",
+    "FOCUS_WORDS",
     "Segments",
+    "focus_chunks",
     "image_text_segments",
     "normalise",
     "segments",
@@ -38,6 +40,7 @@ __all__ = [
 
 WINDOW_WORDS = 80  # ~110 word pieces: inside the 128-piece window with room for subwords
 STRIDE_WORDS = 60  # 20 words of overlap: a sentence cut by one window is whole in the next
+FOCUS_WORDS = 30  # sentence chunks of a longer text: one harmful sentence is not averaged away
 DEFAULT_MAX_SEGMENTS = 24  # ~1,500 words of raw text per upload
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"), None)
@@ -67,6 +70,7 @@ _LEET_WORD = re.compile(r"(?<![\w@$!|])[A-Za-z]+[0-9@$!|][\w@$!|]*")
 # Single letters separated by spaces, dots, dashes, underscores or asterisks: "k i l l", "k.i.l.l"
 _SPACED = re.compile(r"\b(?:[A-Za-z][ .\-_*]{1,2}){2,}[A-Za-z]\b")
 _REPEATS = re.compile(r"([A-Za-z])\1{2,}")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
 # Hashtags, and letter runs long enough to be several words (English words rarely exceed 14).
 _RUN_TOGETHER = re.compile(r"#[A-Za-z][A-Za-z0-9_]+|\b[A-Za-z]{15,}\b")
 
@@ -112,6 +116,28 @@ def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> 
     return out
 
 
+def focus_chunks(text: str, size: int = FOCUS_WORDS) -> list[str]:
+    """Runs of whole sentences of at most ``size`` words (a longer sentence: its own windows).
+    A window's embedding is the mean over its ~80 words, so one harmful sentence in a long
+    benign post is diluted; a chunk of a few sentences keeps it in focus."""
+    out: list[str] = []
+    run: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.split()
+        if not words:
+            continue
+        if len(run) + len(words) > size and run:
+            out.append(" ".join(run))
+            run = []
+        if len(words) > size:
+            out += windows(sentence, size, size * 2 // 3)
+        else:
+            run += words
+    if run:
+        out.append(" ".join(run))
+    return out
+
+
 @dataclass(frozen=True)
 class Segments:
     texts: list[str]
@@ -137,14 +163,26 @@ def image_text_segments(text: str) -> list[str]:
 
 
 def segments(text: UploadText, max_segments: int = DEFAULT_MAX_SEGMENTS) -> Segments:
-    """The strings the text tower scores for one upload, in priority order, within budget."""
-    wanted: list[str] = []
+    """The strings the text tower scores for one upload, in priority order, within budget.
+
+    First the windows that cover every word (raw, then de-obfuscated): if they do not fit, the
+    upload is ``truncated``. Then, as the budget allows, sentence chunks of texts longer than
+    FOCUS_WORDS (a closer look at text the windows already cover, so never "truncated")."""
+    cover: list[str] = []
+    focus: list[str] = []
     for part in _parts(text):
         raw = windows(part)
-        wanted += raw
-        folded = [n for w in raw if (n := normalise(w)) and n != w]
-        wanted += folded
-    unique = list(dict.fromkeys(w for w in wanted if w))
-    if len(unique) <= max_segments:
-        return Segments(unique, False)
-    return Segments(unique[:max_segments], True)
+        cover += raw + _folded(raw)
+        if len(part.split()) > FOCUS_WORDS:
+            chunks = focus_chunks(part)
+            focus += chunks + _folded(chunks)
+    unique = list(dict.fromkeys(w for w in cover if w))
+    if len(unique) > max_segments:
+        return Segments(unique[:max_segments], True)
+    seen = set(unique)
+    extra = [f for f in dict.fromkeys(focus) if f and f not in seen]
+    return Segments(unique + extra[: max_segments - len(unique)], False)
+
+
+def _folded(texts: list[str]) -> list[str]:
+    return [n for w in texts if (n := normalise(w)) and n != w]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stream_guard.events import UploadText
-from stream_guard.text import WINDOW_WORDS, normalise, segments, windows
+from stream_guard.text import FOCUS_WORDS, WINDOW_WORDS, focus_chunks, normalise, segments, windows
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,35 @@ def test_text_read_from_images_is_also_scored_with_its_words_split():
     segs = image_text_segments("IWILL KILL YOU")
     assert segs[0] == "IWILL KILL YOU" and "I WILL KILL YOU" in segs
     assert image_text_segments("Grand Opening Sale") == ["Grand Opening Sale"]
+
+
+def test_a_harmful_sentence_in_a_long_post_is_also_scored_in_a_short_chunk():
+    # Inside an 80-word window one sentence is averaged with 70 benign words; a chunk of whole
+    # sentences keeps it in focus.
+    before = " ".join(["We spent the morning at the market and bought fresh bread."] * 6)
+    after = " ".join(["Later the kids played football until it got dark."] * 6)
+    threat = "I am going to kill my neighbour tonight."
+    segs = segments(UploadText(caption=f"{before} {threat} {after}"))
+    assert not segs.truncated
+    assert any(threat in s and len(s.split()) <= FOCUS_WORDS for s in segs.texts)
+    assert all(len(s.split()) <= WINDOW_WORDS for s in segs.texts)
+
+
+def test_focus_chunks_never_mark_a_text_truncated_and_windows_come_first():
+    words = [
+        f"{'bcdfghjklm'[n % 10]}{'aeiouwxyzq'[n // 10 % 10]}{'np'[n // 100]}." for n in range(200)
+    ]
+    text = " ".join(words)
+    cover = windows(text)
+    segs = segments(UploadText(caption=text), max_segments=len(cover) + 1)
+    assert not segs.truncated and segs.texts[: len(cover)] == cover
+    assert len(segs.texts) == len(cover) + 1  # one chunk fits the budget after the windows
+    assert segments(UploadText(caption=text), max_segments=len(cover) - 1).truncated
+
+
+def test_focus_chunks_keep_sentences_whole_and_cut_only_long_ones():
+    long_sentence = " ".join(f"w{n}" for n in range(70))
+    chunks = focus_chunks(f"Short one. Another short one! {long_sentence}")
+    assert chunks[0] == "Short one. Another short one!"
+    assert all(len(c.split()) <= FOCUS_WORDS for c in chunks)
+    assert {w for c in chunks[1:] for w in c.split()} == set(long_sentence.split())

@@ -1,23 +1,24 @@
 # ruff: noqa: E501  (report lines)
 """Guard quality of the default policy before and after its labelled pack (docs/quality.md).
 
-    python -m benchmarks.quality_packs [--davidson N] [--words]
+    python -m benchmarks.quality_packs [--slices] [--words]
 
-Compiles the shipped Llama Guard 4 policy twice with the embedded MiniLM text tower (the same
-ONNX model Triton serves, run here by onnxruntime): from the policy alone ("before") and with
-its pack ("after": train split fitted, calib split calibrated). Both are scored on the pack's
-held-out split, which no head sees, and on held-out tweets from ../shared/datasets/davidson
-(hate vs neither, S10). Texts are scored whole-text as the worker does (windows + normalised
-forms, maximum per category). Prints markdown tables and the machine.
+Compiles the shipped Llama Guard 4 policy three times with the embedded MiniLM text tower (the
+same ONNX model Triton serves, run here by onnxruntime): from the policy's texts alone, with
+its pack, and with its pack and its public datasets (what ships). Each is scored on data no
+head sees: the pack's held-out split, the held-out split of the Davidson tweets
+(../shared/datasets/davidson, hate vs neither, S10), and the suites in benchmarks/suites
+(functional hate tests, look-alike questions, a general mix with long posts). Texts are scored
+whole-text as the worker does (windows, sentence chunks, normalised forms; the maximum per
+category). Prints markdown tables and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import os
 import platform
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from stream_guard.build.text_encoder import TextEmbedder, default_minilm_dir
 from stream_guard.events import UploadText
 from stream_guard.policy.compiler import compile_head, head_texts
+from stream_guard.policy.datasets import dataset_rows
 from stream_guard.policy.model import IMAGE_SIGNALS, load_policy
 from stream_guard.policy.packs import load_pack
 from stream_guard.quality.compare import run_head
@@ -34,9 +36,7 @@ from stream_guard.quality.metrics import average_precision, roc_auc
 from stream_guard.settings import DEFAULT_POLICY
 from stream_guard.text import segments
 
-DAVIDSON = (
-    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "davidson" / "labeled_data.csv"
-)
+SUITES = Path(__file__).resolve().parent / "suites"
 
 
 def whole_text_scores(head: bytes, embed, texts: list[str]) -> np.ndarray:
@@ -111,7 +111,7 @@ def words_only(policy, embed, texts, labels, packed: np.ndarray) -> list[str]:
                 }
             )
             cats = [short if k.code == cat.code else k for k in policy.categories]
-            variant = policy.model_copy(update={"categories": cats, "pack": tmp})
+            variant = policy.model_copy(update={"categories": cats, "pack": tmp, "datasets": []})
             head = compile_head(variant, embed)
         assert head.calibration[cat.code].method == "words"
         s = whole_text_scores(head.to_bytes(), embed, texts)[:, c]
@@ -128,32 +128,53 @@ def words_only(policy, embed, texts, labels, packed: np.ndarray) -> list[str]:
     return lines
 
 
-def _davidson_train(held_n: int, n: int) -> list[dict[str, str]]:
-    """The last ``n`` hate/neither tweets of the shuffled order (never in the first sample) plus
-    as many offensive-but-not-hate tweets: profanity alone is not S10."""
-    with DAVIDSON.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    labelled = [r for r in rows if r["class"] in ("0", "2")]
-    random.Random(20261201).shuffle(labelled)
-    offensive = [r for r in rows if r["class"] == "1"]
-    random.Random(7).shuffle(offensive)
-    return labelled[max(held_n, len(labelled) - n) :] + offensive[:n]
+def suite_report(
+    name: str, policy, scores: np.ndarray, rows: list[dict], slices: bool
+) -> list[str]:
+    """One held-out suite (benchmarks/suites): ranking, and the shipped decisions."""
+    y = np.array([bool(r["labels"]) for r in rows])
+    top = scores.max(axis=1)
+    decisions = [policy.decide(dict(zip(policy.codes, s.tolist(), strict=True)))[0] for s in scores]
+    flagged = np.array([d != "allow" for d in decisions])
+    escalated = np.array([d == "escalate" for d in decisions])
+    tp = (flagged & y).sum()
+    p, r = tp / max(flagged.sum(), 1), tp / max(y.sum(), 1)
+    lines = [
+        f"| {name} | {len(rows)} ({int(y.sum())}) | {average_precision(y, top):.3f} | {roc_auc(y, top):.3f} "
+        f"| {(flagged == y).mean():.3f} | {p:.2f} / {r:.2f} / {2 * p * r / max(p + r, 1e-9):.3f} "
+        f"| {escalated.mean():.1%} | {flagged[~y].mean():.1%} |"
+    ]
+    if slices:
+        names = np.array([row.get("slice", "") for row in rows])
+        for v in sorted(set(names)):
+            m = names == v
+            lines.append(
+                f"|   {v} | {int(m.sum())} | | | {(flagged[m] == y[m]).mean():.2f} | | {escalated[m].mean():.0%} | |"
+            )
+    return lines
+
+
+SUITE_HEADER = [
+    "| suite | rows (unsafe) | any-unsafe AUPRC | AUROC | accuracy at shipped thresholds | "
+    "P / R / F1 (escalate counts as flagged) | escalated | safe rows flagged |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+]
+
+
+def _tweets(policy) -> list:
+    """The held-out split of the policy's Davidson dataset, hate vs neither (no head sees it)."""
+    ref = next((d for d in policy.datasets if d.name == "davidson"), None)
+    if ref is None or not ref.available:
+        return []
+    return [r for r in dataset_rows(ref.name, Path(ref.path), ref.labels) if r.split == "heldout"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--davidson", type=int, default=1500, help="held-out tweets (0: skip)")
     ap.add_argument(
-        "--words", action="store_true", help="also each category written in words only (~2 min)"
+        "--words", action="store_true", help="also each category written in words only (~3 min)"
     )
-    ap.add_argument(
-        "--davidson-train",
-        type=int,
-        default=0,
-        help="also a head given N Davidson tweets as labelled data, as `stream-guard head train` "
-        "would (hate -> S10; neither and as many offensive tweets -> safe); taken from the "
-        "second sample, which is then evaluated without them",
-    )
+    ap.add_argument("--slices", action="store_true", help="suite results per slice")
     args = ap.parse_args()
     started = time.time()
     policy = load_policy(DEFAULT_POLICY)
@@ -163,71 +184,60 @@ def main() -> None:
 
     def embed(texts):
         missing = [t for t in dict.fromkeys(texts) if t not in cache]
-        if missing:
-            for t, v in zip(missing, embedder.embed(missing), strict=True):
-                cache[t] = v
+        for i in range(0, len(missing), 256):
+            chunk = missing[i : i + 256]
+            cache.update(zip(chunk, embedder.embed(chunk), strict=True))
         return np.stack([cache[t] for t in texts])
 
     embed([*head_texts(policy)])  # embedding is the text tower's cost, not the compiler's
+    variants = {
+        "policy only": {"use_pack": False, "use_datasets": False},
+        "policy + pack": {"use_datasets": False},
+        "policy + pack + datasets (shipped)": {},
+    }
     heads, compile_s = {}, {}
-    for name, use_pack in (("before (policy only)", False), ("after (policy + pack)", True)):
+    for name, kw in variants.items():
         t0 = time.time()
-        heads[name] = compile_head(policy, embed, use_pack=use_pack).to_bytes()
-        compile_s[name] = time.time() - t0
-    tweets_train: list[dict[str, str]] = []
-    if args.davidson_train and DAVIDSON.exists():
-        tweets_train = _davidson_train(args.davidson, args.davidson_train)
-        name = f"pack + {len(tweets_train)} Davidson tweets (head train)"
-        t0 = time.time()
-        s10 = policy.codes.index("S10")
-        labels_train = np.zeros((len(tweets_train), len(policy.codes)), bool)
-        labels_train[:, s10] = [r["class"] == "0" for r in tweets_train]
-        heads[name] = compile_head(
-            policy,
-            embed,
-            extra_texts=[r["tweet"] for r in tweets_train],
-            extra_labels=labels_train,
-        ).to_bytes()
+        heads[name] = compile_head(policy, embed, **kw).to_bytes()
         compile_s[name] = time.time() - t0
     held = pack.split("heldout")
     texts = [r.text for r in held]
     labels = np.array([[c in r.labels for c in policy.codes] for r in held])
+    tweets = _tweets(policy)
+    suites = {
+        f.stem: [
+            json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        for f in sorted(SUITES.glob("*.jsonl"))
+    }
     out = [
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}",
-        f"Pack held-out split: {len(held)} rows ({int(labels.any(axis=1).sum())} unsafe)",
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        f"Policy {policy.policy_id} {policy.effective_version}; pack held-out split: {len(held)} rows "
+        f"({int(labels.any(axis=1).sum())} unsafe); Davidson held-out split: {len(tweets)} tweets "
+        f"({sum(bool(r.labels) for r in tweets)} hate)",
     ]
-    tweets = []
-    if args.davidson and DAVIDSON.exists():
-        with DAVIDSON.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["class"] in ("0", "2")]
-        random.Random(20261201).shuffle(rows)
-        tweets = rows[: args.davidson]
-        # A second, disjoint sample: how much S10 AUROC moves between samples of the same set.
-        second = rows[args.davidson : 3 * args.davidson]
-        trained = {r["tweet"] for r in tweets_train}
-        second = [r for r in second if r["tweet"] not in trained]
+    s10 = policy.codes.index("S10")
     for name, head in heads.items():
-        out.append(f"\n{name}: compiled in {compile_s[name]:.1f} s, head {len(head) / 1e6:.1f} MB")
+        out.append(
+            f"\n## {name}: compiled in {compile_s[name]:.1f} s, head {len(head) / 1e6:.1f} MB"
+        )
         out += report(
             f"{name}: pack held-out", policy, whole_text_scores(head, embed, texts), labels
         )
         if tweets:
-            s = whole_text_scores(head, embed, [r["tweet"] for r in tweets])[
-                :, policy.codes.index("S10")
-            ]
-            y = np.array([r["class"] == "0" for r in tweets])
-            s2 = whole_text_scores(head, embed, [r["tweet"] for r in second])[
-                :, policy.codes.index("S10")
-            ]
-            y2 = np.array([r["class"] == "0" for r in second])
+            s = whole_text_scores(head, embed, [r.text for r in tweets])[:, s10]
+            y = np.array([bool(r.labels) for r in tweets])
+            allow = policy.thresholds_for(policy.categories[s10]).allow
             out.append(
-                f"\nDavidson tweets ({len(tweets)}, hate {int(y.sum())}): S10 AUROC {roc_auc(y, s):.3f}, "
-                f"AUPRC {average_precision(y, s):.3f}, recall at block {np.mean(s[y] >= 0.8):.2f}, "
-                f"neither flagged {np.mean(s[~y] >= 0.35):.1%}; second sample ({len(second)}): "
-                f"S10 AUROC {roc_auc(y2, s2):.3f}"
+                f"\nDavidson held-out tweets: S10 AUROC {roc_auc(y, s):.3f}, AUPRC {average_precision(y, s):.3f}, "
+                f"hate flagged {np.mean(s[y] >= allow):.1%}, neither flagged {np.mean(s[~y] >= allow):.1%}"
             )
+        out += ["\nHeld-out suites (benchmarks/suites):\n", *SUITE_HEADER]
+        for suite, rows in suites.items():
+            scores = whole_text_scores(head, embed, [r["text"] for r in rows])
+            out += suite_report(suite, policy, scores, rows, args.slices)
     if args.words:
-        packed = whole_text_scores(heads["after (policy + pack)"], embed, texts)
+        packed = whole_text_scores(heads["policy + pack + datasets (shipped)"], embed, texts)
         out += words_only(policy, embed, texts, labels, packed)
     out.append(f"\n({time.time() - started:.0f} s)")
     print("\n".join(out))

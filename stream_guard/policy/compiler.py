@@ -89,7 +89,7 @@ FOLDS = 4
 WORDS_ESCALATE_SHARE = 0.03
 WORDS_SPREAD = 1.5  # block no nearer than this many benign standard deviations above allow
 # Prototypes per category taken from labelled rows (bounded graph size).
-DATASET_SHARE = 0.3  # public datasets' total training weight, relative to the policy's rows
+DATASET_SHARE = 0.1  # public datasets' total training weight, relative to the policy's rows
 MAX_PACK_POS = 150
 MAX_PACK_NEG = 150
 MAX_SHARED_NEG = 100
@@ -428,7 +428,7 @@ def _calibrate_trained(policy, cat, z, y, calibration, maps) -> bool:
     points = operating_points(
         z,
         y,
-        block_precision=BLOCK_PRECISION,
+        block_precision=cat.block_precision or BLOCK_PRECISION,
         neg_share=cat.escalation_share or NEG_ESCALATE_SHARE,
         min_pos=MIN_CALIB_POSITIVES,
     )

@@ -131,6 +131,14 @@ class Category(_Strict):
         "escalation band when it calibrates on a pack (default 0.004): higher catches more of "
         "what the category targets, at the cost of more uploads for the reasoning tier",
     )
+    block_precision: float | None = Field(
+        default=None,
+        ge=0.5,
+        lt=1.0,
+        description="precision on the pack's out-of-fold rows the compiler places this "
+        "category's block point at (default 0.9): lower blocks more of it outright, with fewer "
+        "escalations and more wrong blocks",
+    )
     text_signals: list[str] = Field(
         default_factory=list,
         description="text classifier outputs served beside the text tower that evidence this "

@@ -377,3 +377,15 @@ def test_a_larger_escalation_share_lowers_only_that_categorys_allow_point(minilm
     assert wider["S1"].z_allow < base["S1"].z_allow, "more of S1's negatives may escalate"
     assert wider["S1"].z_block == pytest.approx(base["S1"].z_block)
     assert wider["S7"].z_allow == pytest.approx(base["S7"].z_allow)
+
+
+def test_a_lower_block_precision_lowers_only_that_categorys_block_point(minilm):
+    policy = load_policy(DEFAULT_POLICY)
+    base = compile_head(policy, minilm).calibration
+    cats = [
+        c.model_copy(update={"block_precision": 0.6}) if c.code == "S1" else c
+        for c in policy.categories
+    ]
+    lower = compile_head(policy.model_copy(update={"categories": cats}), minilm).calibration
+    assert lower["S1"].z_block < base["S1"].z_block, "S1 blocks at a lower score"
+    assert lower["S7"].z_block == pytest.approx(base["S7"].z_block)

@@ -54,7 +54,7 @@ def report(name: str, policy, scores: np.ndarray, labels: np.ndarray) -> list[st
     codes = policy.codes
     lines = [
         f"\n### {name}\n",
-        "| category | n+ | AUPRC | block precision | block recall | escalated (neg) |",
+        "| category | n+ | AUPRC | block precision: same category / any unsafe | block recall | escalated (neg) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c, cat in enumerate(policy.categories):
@@ -65,9 +65,11 @@ def report(name: str, policy, scores: np.ndarray, labels: np.ndarray) -> list[st
         blocked = scores[:, c] >= t.block
         esc = (scores[:, c] >= t.allow) & ~blocked
         prec = (blocked & y).sum() / max(blocked.sum(), 1)
+        # What calibration targets: a block under this code lands on an unsafe upload.
+        prec_any = (blocked & labels.any(axis=1)).sum() / max(blocked.sum(), 1)
         rec = (blocked & y).sum() / y.sum()
         lines.append(
-            f"| {cat.code} | {int(y.sum())} | {average_precision(y, scores[:, c]):.3f} | {prec:.2f} | {rec:.2f} | "
+            f"| {cat.code} | {int(y.sum())} | {average_precision(y, scores[:, c]):.3f} | {prec:.2f} / {prec_any:.2f} | {rec:.2f} | "
             f"{esc[~y].mean():.1%} |"
         )
     any_y = labels.any(axis=1)

@@ -359,33 +359,34 @@ def test_benign_text_scores_below_allow_for_a_policy_without_labelled_data(minil
     assert threat[0, policy.codes.index("S1")] >= policy.thresholds.allow
 
 
-def test_the_pack_trains_and_calibrates_every_default_category(minilm):
-    policy = load_policy(DEFAULT_POLICY)
-    head = compile_head(policy, minilm)
-    assert {c.method for c in head.calibration.values()} == {"trained"}
-    assert all(c.n_pos >= compiler.MIN_TRAINED_POSITIVES for c in head.calibration.values())
+@pytest.fixture(scope="module")
+def shipped_calibration(minilm):
+    return compile_head(load_policy(DEFAULT_POLICY), minilm).calibration
 
 
-def test_a_larger_escalation_share_lowers_only_that_categorys_allow_point(minilm):
+def test_the_pack_trains_and_calibrates_every_default_category(shipped_calibration):
+    assert {c.method for c in shipped_calibration.values()} == {"trained"}
+    assert all(c.n_pos >= compiler.MIN_TRAINED_POSITIVES for c in shipped_calibration.values())
+
+
+def _with_s1(field: str, value: float, minilm):
     policy = load_policy(DEFAULT_POLICY)
-    base = compile_head(policy, minilm).calibration
-    cats = [
-        c.model_copy(update={"escalation_share": 0.02}) if c.code == "S1" else c
-        for c in policy.categories
-    ]
-    wider = compile_head(policy.model_copy(update={"categories": cats}), minilm).calibration
+    cats = [c.model_copy(update={field: value}) if c.code == "S1" else c for c in policy.categories]
+    return compile_head(policy.model_copy(update={"categories": cats}), minilm).calibration
+
+
+def test_a_larger_escalation_share_lowers_only_that_categorys_allow_point(
+    minilm, shipped_calibration
+):
+    base, wider = shipped_calibration, _with_s1("escalation_share", 0.02, minilm)
     assert wider["S1"].z_allow < base["S1"].z_allow, "more of S1's negatives may escalate"
     assert wider["S1"].z_block == pytest.approx(base["S1"].z_block)
     assert wider["S7"].z_allow == pytest.approx(base["S7"].z_allow)
 
 
-def test_a_lower_block_precision_lowers_only_that_categorys_block_point(minilm):
-    policy = load_policy(DEFAULT_POLICY)
-    base = compile_head(policy, minilm).calibration
-    cats = [
-        c.model_copy(update={"block_precision": 0.6}) if c.code == "S1" else c
-        for c in policy.categories
-    ]
-    lower = compile_head(policy.model_copy(update={"categories": cats}), minilm).calibration
+def test_a_lower_block_precision_lowers_only_that_categorys_block_point(
+    minilm, shipped_calibration
+):
+    base, lower = shipped_calibration, _with_s1("block_precision", 0.6, minilm)
     assert lower["S1"].z_block < base["S1"].z_block, "S1 blocks at a lower score"
     assert lower["S7"].z_block == pytest.approx(base["S7"].z_block)

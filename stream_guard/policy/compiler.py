@@ -75,7 +75,7 @@ __all__ = [
 Embed = Callable[[Sequence[str]], np.ndarray]
 # Bumped when the same policy would compile to a different head: a repository's head compiled
 # by an older compiler is then recompiled (heads.py, repository.py compare it).
-COMPILER_VERSION = "2"
+COMPILER_VERSION = "3"
 
 # Calibration targets: block precision, and the share of rows not labelled with a category that
 # may reach its escalation band (per category: over 14 categories this keeps a benign-heavy mix

@@ -177,6 +177,7 @@ class GuardModels:
         # The served text tower's width: MiniLM's until a head probe reads the served config.
         self.embed_width = EMBED_DIM
         self._image_guard: ImageGuard | None = None
+        self._cpu_instances: dict[str, int] = {}
         root = None
         if settings.root_certificates:
             root = str(settings.root_certificates)
@@ -217,13 +218,37 @@ class GuardModels:
             parts.append(await self._infer(self.settings.text_model, [batch], "EMBEDDING"))
         return np.concatenate(parts).astype(np.float32)
 
+    async def cpu_instances(self, model: str) -> int:
+        """How many CPU instances the served ``model`` runs side by side (1 for a GPU model, or
+        when its config cannot be read now); read once per model."""
+        n = self._cpu_instances.get(model)
+        if n is None:
+            try:
+                config = await self.client.get_model_config(
+                    model, as_json=True, client_timeout=self.settings.timeout_s
+                )
+            except InferenceServerException:
+                return 1  # asked again next batch; the request itself reports the outage
+            groups = config.get("config", config).get("instance_group", [])
+            n = sum(int(g.get("count", 1)) for g in groups if g.get("kind") == "KIND_CPU")
+            n = self._cpu_instances[model] = max(n, 1)
+        return n
+
     async def detect(self, images: np.ndarray, chunk: int = 32) -> np.ndarray:
-        if len(images) == 0 or not self.settings.image_model:  # "": no detector configured
+        """Detector signals per image. A batch goes as one request per CPU instance of the
+        detector, sent together: each instance runs single-threaded, so one request of 3 images
+        would take 3 images' time on one core while the other instance waits (a GPU model, one
+        instance, gets the whole batch)."""
+        model = self.settings.image_model
+        if len(images) == 0 or not model:  # "": no detector configured
             return np.zeros((len(images), N_SIGNALS), np.float32)
-        parts = []
-        for i in range(0, len(images), chunk):
-            batch = ("IMAGE", images[i : i + chunk], "UINT8")
-            parts.append(await self._infer(self.settings.image_model, [batch], "SIGNALS"))
+        size = min(chunk, -(-len(images) // await self.cpu_instances(model)))
+        parts = await asyncio.gather(
+            *(
+                self._infer(model, [("IMAGE", images[i : i + size], "UINT8")], "SIGNALS")
+                for i in range(0, len(images), size)
+            )
+        )
         return np.concatenate(parts).astype(np.float32)
 
     async def score(

@@ -77,3 +77,32 @@ def test_dynamic_batching_merges_concurrent_requests(stack):
     executions = s1.execution_count - s0.execution_count
     assert inferences == 64
     assert executions < inferences, "requests were batched together"
+
+
+def test_a_batch_split_across_detector_instances_keeps_each_images_signals(stack):
+    """The CPU detector runs two single-threaded instances, each dynamic batch in onnxruntime
+    calls of 8 (``run_batch``): the worker sends a batch as one request per instance. Every
+    image still gets its own signals, in order, whatever request, instance or call it ran in
+    (landscapes score near 0 but measurably unlike a blank square; rows of one image differ
+    only by batch-size arithmetic, under 1e-3)."""
+    photo = preprocess_for_detector(decode_image(landscape(1), content_type="image/jpeg").rgb)
+    blank = np.zeros_like(photo.image)
+    images = np.stack([photo.image if n % 4 else blank for n in range(19)])
+
+    async def signals():
+        m = GuardModels(TritonSettings(url=stack.triton_url))
+        try:
+            instances = await m.cpu_instances("image_detector")
+            together = await m.detect(images)
+            alone = [await m.detect(images[n : n + 1]) for n in range(2)]
+            return instances, together, alone
+        finally:
+            await m.close()
+
+    instances, together, (blank_alone, photo_alone) = asyncio.run(signals())
+    assert instances == 2
+    assert together.shape == (19, 18)
+    assert np.abs(photo_alone - blank_alone).max() > 2e-3  # the two are told apart
+    for n in range(19):
+        expected = photo_alone[0] if n % 4 else blank_alone[0]
+        np.testing.assert_allclose(together[n], expected, atol=1e-3, err_msg=f"row {n}")

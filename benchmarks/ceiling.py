@@ -93,6 +93,37 @@ async def measure_point(
     }
 
 
+async def open_loop(url: str, work: Work, rate: float, count: int) -> dict:
+    """One-upload requests on a fixed schedule, never waiting for answers: the bare models'
+    latency at an offered rate, to set beside the pipeline's at the same rate (what the box's
+    CPU queueing alone costs). Latency counts from each request's scheduled start, so a
+    client that falls behind does not hide the delay."""
+    client = grpcclient.InferenceServerClient(url)
+    latencies: list[float] = []
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        await _one(client, work, i, 1)
+        latencies.append(time.perf_counter() - (start + i / rate))
+
+    tasks = []
+    try:
+        for i in range(count):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    return {
+        "rate_per_s": round(rate, 2),
+        "uploads_per_s": round(count / (time.perf_counter() - start), 1),
+        **latency_summary(latencies),
+        "requests": count,
+    }
+
+
 def best(points: list[dict], knee: float = 0.95) -> dict:
     """The best concurrency, the best point overall, and one upload alone.
 

@@ -26,7 +26,7 @@ signals it serves), IMAGE_SIGNALS [B, S_image] -> SCORES [B, C].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import onnx
@@ -53,6 +53,7 @@ __all__ = [
 OPSET = 17
 PAD = -4.0  # added to a masked cosine (>= -1): it never counts as a real neighbour
 TOP_PROTOS = 3
+FEATURE_CHUNK = 1024  # rows whose bank similarities are held at once while compiling
 K_NEAR = 20
 K_FAR = 50
 VOTE_TEMPERATURE = 0.1
@@ -122,7 +123,22 @@ def bank_features(
     bank: Bank, e: np.ndarray, exclude: np.ndarray | None = None, words: bool = True
 ) -> Features:
     """Features of embeddings ``e`` [B, D]; ``exclude`` [B] (bank row of each text, -1 for none)
-    leaves a text's own row out, so training rows look like unseen texts."""
+    leaves a text's own row out, so training rows look like unseen texts. Computed in chunks
+    of FEATURE_CHUNK rows: the [B, N] similarities of a whole pack against itself would take
+    hundreds of MB in the worker that compiles a head."""
+    if len(e) > FEATURE_CHUNK:
+        parts = [
+            bank_features(
+                bank,
+                e[i : i + FEATURE_CHUNK],
+                None if exclude is None else exclude[i : i + FEATURE_CHUNK],
+                words,
+            )
+            for i in range(0, len(e), FEATURE_CHUNK)
+        ]
+        return Features(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Features))
+        )
     sims = e.astype(np.float32) @ bank.vectors.T.astype(np.float32)
     if exclude is not None:
         rows = np.nonzero(exclude >= 0)[0]

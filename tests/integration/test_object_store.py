@@ -198,20 +198,20 @@ def _serve_once(reply: bytes | None):
         listener.close()
 
 
-def test_a_server_that_never_answers_is_transient_within_the_request_timeout(signed_s3):
-    _, key, secret = signed_s3
-    for endpoint in _serve_once(None):
-        store = _store(endpoint, key, secret, timeout_s=0.5)
-        with pytest.raises(DependencyUnavailable):
-            _fetch(store, "s3://uploads/plain/photo.jpg")
-        store.close()
+_CUT_SHORT = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 3000\r\n\r\n"
 
 
-def test_a_body_cut_short_is_transient_not_a_corrupt_image(signed_s3):
+@pytest.mark.parametrize(
+    ("answer", "timeout_s"),
+    [
+        pytest.param(None, 0.5, id="a server that never answers, within the request timeout"),
+        pytest.param(_CUT_SHORT + BODY[:100], 2.0, id="a body cut short, not a corrupt image"),
+    ],
+)
+def test_an_answer_that_never_completes_is_transient(signed_s3, answer, timeout_s):
     _, key, secret = signed_s3
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 3000\r\n\r\n"
-    for endpoint in _serve_once(head + BODY[:100]):
-        store = _store(endpoint, key, secret, timeout_s=2.0)
+    for endpoint in _serve_once(answer):
+        store = _store(endpoint, key, secret, timeout_s=timeout_s)
         with pytest.raises(DependencyUnavailable):
             _fetch(store, "s3://uploads/plain/photo.jpg")
         store.close()

@@ -996,7 +996,9 @@ def test_default_policy_configmap_holds_the_package_default_policy(chart):
     package_default = Path(Settings.model_construct().policy.path)
     if package_default.exists():
         packaged = parse_policy(package_default.read_text(), source=str(package_default))
-        assert (policy.policy_id, policy.codes) == (packaged.policy_id, packaged.codes), (
+        assert (policy.policy_id, policy.codes) == (packaged.policy_id, packaged.codes)
+        # Byte for byte: a copy that kept the codes but lost the pack or a threshold drifted.
+        assert cm["data"]["default.yaml"].strip() == package_default.read_text().strip(), (
             "helm/stream-guard/files/policies/default.yaml drifted from the package default: "
             f"copy {package_default.relative_to(ROOT)} over it"
         )

@@ -2,9 +2,9 @@
 
 Starts the real local stack (Tansu, moto, tritonserver, and llama.cpp for the reasoning tier),
 runs the workers as child processes, publishes a handful of sample uploads (safe, threatening,
-self-harm, multi-image, a veiled threat and a stalking request that both escalate, a corrupt
-image, a missing object), prints every verdict and dead letter as it arrives, then stops
-everything.
+self-harm, multi-image, a veiled threat and a stalking request the fast tier blocks, a veiled
+farewell it is unsure of and escalates to the reasoning tier, a corrupt image, a missing
+object), prints every verdict and dead letter as it arrives, then stops everything.
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def samples() -> list[Sample]:
         Sample(
             "demo-stalking",
             "is there a way to see someone's private instagram without them knowing",
+        ),
+        Sample(
+            "demo-farewell",
+            "I've been giving my pills away lately, won't need them where I'm going",
         ),
         Sample("demo-corrupt", "my new profile picture", [corrupt]),
         Sample("demo-missing", "look at this", missing=True),

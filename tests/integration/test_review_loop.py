@@ -174,11 +174,19 @@ def _metrics(port: int) -> str:
 
 
 def _decide_in_browser(driver, console: str, labels: dict[str, list[str]], screenshot=None):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 60)
+    # The console re-renders its queue and score table as events arrive: an element found a
+    # moment ago may be replaced; every read or click is retried until it holds.
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+
+    def click(css: str) -> bool:
+        driver.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
     driver.get(console)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#items li")) >= len(labels))
     field = driver.find_element(By.ID, "reviewer")
@@ -186,7 +194,7 @@ def _decide_in_browser(driver, console: str, labels: dict[str, list[str]], scree
     field.send_keys("alice\t")  # the change event stores it; Tab leaves the field
     body = driver.find_element(By.TAG_NAME, "body")
     for n, (uid, codes) in enumerate(labels.items()):
-        driver.find_element(By.CSS_SELECTOR, f'#items li[data-upload-id="{uid}"]').click()
+        wait.until(lambda d, uid=uid: click(f'#items li[data-upload-id="{uid}"]'))
         wait.until(ec.text_to_be_present_in_element((By.ID, "title"), uid))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#scores tbody tr"))
         if n == 0 and screenshot is not None:
@@ -197,17 +205,21 @@ def _decide_in_browser(driver, console: str, labels: dict[str, list[str]], scree
                     "return i.length > 0 && i.every(x => x.complete && x.naturalWidth > 0);"
                 )
             )
-            policy = driver.find_element(By.ID, "policy").text
+            policy = wait.until(lambda d: d.find_element(By.ID, "policy").text)
             assert "Threats or incitement of physical violence" in policy
-            assert driver.find_element(By.ID, "rationale").text
+            assert wait.until(lambda d: d.find_element(By.ID, "rationale").text)
             driver.save_screenshot(str(screenshot))
-        rows = driver.find_elements(By.CSS_SELECTOR, "#scores tbody tr")
-        order = [r.get_attribute("data-code") for r in rows]
+        order = wait.until(
+            lambda d: [
+                r.get_attribute("data-code")
+                for r in d.find_elements(By.CSS_SELECTOR, "#scores tbody tr")
+            ]
+        )
         for code in codes:
             body.send_keys(str(order.index(code) + 1))
         body.send_keys("b" if codes else "a")
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), uid))
-        assert "not decided" not in driver.find_element(By.ID, "status").text
+        assert "not decided" not in wait.until(lambda d: d.find_element(By.ID, "status").text)
 
 
 def _human_verdicts(stack, topic: str, n: int) -> dict[str, dict]:

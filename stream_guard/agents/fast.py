@@ -6,8 +6,11 @@ every record it produced (verdict, escalation or dead letter) is acknowledged by
 acks go to Faust in offset order per partition (``stream_guard.kafka.InOrderAcks``), so a
 commit never passes an unfinished record. Up to ``batch.max_in_flight`` batches are processed at
 once; when Triton or S3 is down a batch is retried with capped backoff, in-flight slots stay
-taken, and the agent stops taking events: backpressure, never drops. Any error that is not a
-dependency being down ends as a dead letter of that one record.
+taken, and the agent stops taking events: backpressure, never drops. When only some records of
+a batch cannot be fetched (their bucket is missing or unreachable) the rest are finished and
+the batch's slot freed; those records are retried alone, unacked, so the commit never passes
+them, and ``max_unacked`` bounds how many finished records may wait behind them. Any error
+that is not a dependency being down ends as a dead letter of that one record.
 
 Batching (``stream_guard.kafka.BatchWindow``): the agent queues events as they arrive and a
 dispatcher cuts batches when an in-flight slot is free: at once when no more records are known
@@ -40,7 +43,7 @@ from stream_guard.kafka import (
 from stream_guard.media.storage import ObjectStore
 from stream_guard.pipeline.decide import dead_letter, unexpected
 from stream_guard.pipeline.moderator import Moderator
-from stream_guard.pipeline.records import Record, Result
+from stream_guard.pipeline.records import Deferred, Record, Result
 from stream_guard.pipeline.shadow import ShadowScorer  # shadow policy hook (issue 16)
 from stream_guard.policy.live import LivePolicies
 from stream_guard.retry import backoff_delays
@@ -216,6 +219,7 @@ class FastWorker:
 
     async def _handle(self, events: list[Any]) -> None:
         obs.IN_FLIGHT.inc()
+        slot = True
         try:
             await self._started.wait()
             records = [record_of(e) for e in events]
@@ -234,21 +238,55 @@ class FastWorker:
                     "messaging.batch.message_count": len(records),
                 },
             ):
-                results = await self._process_with_retry(records)
-                with obs.span("publish", kind=SpanKind.PRODUCER):
-                    await self._publish(results)
-            assert self.acks is not None
-            await self.acks.finish(events)
-            self.health.progressed()
-            self._observe(results, events)
-            if self.shadow is not None:  # shadow policy hook (issue 16): after the acks
-                self.shadow.submit(records, results)
+                delays = backoff_delays(self.settings.retry, forever=True)
+                while True:
+                    results = await self._process_with_retry(records)
+                    await self._finish(records, events, results)
+                    waiting = [n for n, r in enumerate(results) if isinstance(r, Deferred)]
+                    if not waiting:
+                        break
+                    if slot:  # the rest of the batch is done: let the next batch start
+                        slot = False
+                        self.in_flight.release()
+                    records = [records[n] for n in waiting]
+                    events = [events[n] for n in waiting]
+                    await self._wait_deferred([results[n] for n in waiting], next(delays))
         finally:
             obs.IN_FLIGHT.dec()
             obs.UNACKED.set(self.acks.pending() if self.acks else 0)
-            self.in_flight.release()
+            if slot:
+                self.in_flight.release()
 
-    async def _process_with_retry(self, records: list[Record]) -> list[Result]:
+    async def _finish(self, records: list[Record], events: list[Any], results: list) -> None:
+        """Publish and ack the records that have a result (Deferred ones wait, unacked: the
+        commit cannot pass them, and the max-unacked bound stops intake if too many wait)."""
+        done = [n for n, r in enumerate(results) if not isinstance(r, Deferred)]
+        if not done:
+            return
+        finished = [results[n] for n in done]
+        with obs.span("publish", kind=SpanKind.PRODUCER):
+            await self._publish(finished)
+        assert self.acks is not None
+        await self.acks.finish([events[n] for n in done])
+        self.health.progressed()
+        self._observe(finished, [events[n] for n in done])
+        if self.shadow is not None:  # shadow policy hook (issue 16): after the acks
+            self.shadow.submit([records[n] for n in done], finished)
+
+    async def _wait_deferred(self, deferred: list[Deferred], delay: float) -> None:
+        dep = getattr(deferred[0].error, "dependency", "unknown")
+        self.health.failing.add(dep)
+        obs.RETRIES.labels(dep).inc()
+        log.warning(
+            "%d record(s) from %s: %s; retrying them in %.1fs, the rest of the batch went on",
+            len(deferred),
+            deferred[0].record.where,
+            deferred[0].error,
+            delay,
+        )
+        await asyncio.sleep(delay)
+
+    async def _process_with_retry(self, records: list[Record]) -> list[Result | Deferred]:
         assert self.moderator is not None
         for delay in backoff_delays(self.settings.retry, forever=True):
             try:

@@ -33,7 +33,7 @@ from stream_guard.media.decode import DETECTOR_SIZE, ImageLimits, NeededSize, To
 from stream_guard.media.storage import ByteBudget, ObjectStore
 from stream_guard.observability import cpu_stage, extract, inject, span, tracer
 from stream_guard.pipeline.decide import dead_letter, decide, parse_upload, unexpected
-from stream_guard.pipeline.records import Record, Result
+from stream_guard.pipeline.records import Deferred, Record, Result
 from stream_guard.policy.model import IMAGE_SIGNALS
 from stream_guard.policy.registry import ActiveHead, PolicyRegistry
 from stream_guard.settings import Settings
@@ -215,16 +215,18 @@ class Moderator:
                 return dead_letter(record, e, upload.upload_id, headers=headers)
             return item
 
-    async def process(self, records: Sequence[Record]) -> list[Result]:
-        """One Result per record. Transient errors raise (the agent retries the batch); any
-        other error stays with its record as a dead letter."""
+    async def process(self, records: Sequence[Record]) -> list[Result | Deferred]:
+        """One Result per record, or Deferred for a record whose own image could not be fetched
+        because the object store (or its bucket) is down: the agent finishes the rest and tries
+        that one again. Transient errors of the whole batch (Triton) raise; any other error
+        stays with its record as a dead letter."""
         prepared = await asyncio.gather(*(self._prepare_one(r) for r in records))
         items = [p for p in prepared if isinstance(p, _Item)]
         scored, failed = await self._score_isolating(items) if items else ({}, {})
-        results: list[Result] = []
+        results: list[Result | Deferred] = []
         with span("policy decide"), cpu_stage("serialise"):
             for p in prepared:
-                if isinstance(p, Result):
+                if isinstance(p, Result | Deferred):
                     results.append(p)
                 elif id(p) in failed:
                     results.append(failed[id(p)])
@@ -232,11 +234,11 @@ class Moderator:
                     results.append(self._decide_one(p, scored[id(p)]))
         return results
 
-    async def _prepare_one(self, record: Record) -> _Item | Result:
+    async def _prepare_one(self, record: Record) -> _Item | Result | Deferred:
         try:
             return await self._prepare(record)
-        except TransientError:
-            raise
+        except TransientError as e:
+            return Deferred(record, e)
         except Exception as e:
             return unexpected(record, e, "prepare")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["MAX_OUTPUT_BYTES", "Output", "Record", "Result", "trace_headers"]
+__all__ = ["MAX_OUTPUT_BYTES", "Deferred", "Output", "Record", "Result", "trace_headers"]
 
 # aiokafka's default producer max_request_size is 1,000,000 bytes for a whole request; an
 # output record must fit in it with its key, headers and the request's own framing.
@@ -46,6 +46,15 @@ class Result:
     outputs: list[Output]
     upload_id: str | None = None
     error_code: str | None = None
+
+
+@dataclass
+class Deferred:
+    """A record that could not be finished because a dependency it alone needs is down (its
+    image's bucket or object store): it is tried again later, the rest of its batch goes on."""
+
+    record: Record
+    error: Exception  # a TransientError
 
 
 def trace_headers(record: Record) -> dict[str, bytes]:

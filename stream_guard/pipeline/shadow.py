@@ -36,7 +36,7 @@ from stream_guard.errors import StreamGuardError, TransientError
 from stream_guard.events import Decision, Verdict
 from stream_guard.media.storage import ObjectStore
 from stream_guard.pipeline.moderator import Moderator
-from stream_guard.pipeline.records import Output, Record, Result
+from stream_guard.pipeline.records import Deferred, Output, Record, Result
 from stream_guard.policy.heads import resolve_head
 from stream_guard.policy.model import load_policy
 from stream_guard.policy.registry import ActiveHead, PolicyRegistry
@@ -243,6 +243,9 @@ class ShadowScorer:
             return
         outputs = []
         for result in await moderator.process(chosen):
+            if isinstance(result, Deferred):  # its image is unreachable now: not compared
+                SKIPPED.labels("deferred").inc()
+                continue
             shadow = _verdict_of(result)
             if shadow is None or shadow.upload_id not in live:
                 SKIPPED.labels(result.outcome).inc()

@@ -143,6 +143,36 @@ def test_a_worker_killed_while_an_earlier_batch_retries_never_commits_past_it(
     assert not read(stack.bootstrap, topics.dlq, 0, timeout=2), "nothing dead-lettered"
 
 
+def test_a_record_waiting_for_its_bucket_does_not_hold_the_rest_of_its_batch(
+    stack, topics, worker_env, start_worker
+):
+    """One in-flight slot, an upload whose bucket does not exist yet (transient) batched with
+    six others: the six are decided while it waits, it is decided once its bucket appears, one
+    verdict each, nothing dead-lettered, and the commit never passed it meanwhile."""
+    s3 = s3_client(stack.s3_endpoint)
+    bucket = f"later{topics.group[1:]}"
+    env = {
+        **worker_env,
+        "STREAM_GUARD_S3__ALLOWED_BUCKETS": json.dumps(["uploads", bucket]),
+        "STREAM_GUARD_BATCH__MAX_IN_FLIGHT": "1",
+    }
+    start_worker(env)
+    others = [(f"with-{n}".encode(), upload(f"with-{n}", f"photo {n}")) for n in range(6)]
+    stuck = (b"waits", upload("waits", "our trip", images=[f"s3://{bucket}/a.jpg"]))
+    (stuck_offset, *_) = _publish(stack.bootstrap, topics.uploads, [stuck, *others], partition=0)
+    got = read(stack.bootstrap, topics.verdicts, len(others), timeout=60, settle=2)
+    assert {r.key for r in got} == {k for k, _ in others}, "the rest of the batch is decided"
+    committed = _committed(stack.bootstrap, topics.group, topics.uploads, 0)
+    assert committed is None or committed <= stuck_offset, (committed, stuck_offset)
+
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="a.jpg", Body=landscape(0))
+    verdicts = read(stack.bootstrap, topics.verdicts, len(others) + 1, timeout=90, settle=2)
+    keys = [r.key for r in verdicts]
+    assert sorted(keys) == sorted([b"waits", *(k for k, _ in others)]), "one verdict each"
+    assert not read(stack.bootstrap, topics.dlq, 0, timeout=2), "nothing dead-lettered"
+
+
 def test_a_read_only_worker_serves_only_a_head_compiled_from_its_exact_policy(
     stack, topics, worker_env, start_worker, tmp_path
 ):

@@ -3,8 +3,10 @@
 No Kafka here: the agent hands in records and publishes what comes back, so this logic is
 testable on its own. Per record the outcome is a final verdict, a provisional verdict plus an
 escalation, or a dead letter. Permanent errors (bad event, missing object, hostile image) end
-that one record in the DLQ; transient errors (S3 or Triton down) raise, and the agent retries
-the whole batch later without acking anything.
+that one record in the DLQ. A transient error of one record's own image fetch (its bucket
+missing, the store unreachable) comes back as ``Deferred`` for that record alone; a transient
+error of the batch (Triton down) raises, and the agent retries the whole batch later without
+acking anything.
 
 Each image is decoded once and prepared for every model that reads it: the detector's 320 px
 square, the OCR model's capped size (``ocr: true`` policies), and the exported image tower's

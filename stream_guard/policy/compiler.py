@@ -88,8 +88,8 @@ FOLDS = 4
 # Share of everyday benign text all words categories together may escalate (split between them).
 WORDS_ESCALATE_SHARE = 0.03
 WORDS_SPREAD = 1.5  # block no nearer than this many benign standard deviations above allow
-# Prototypes per category taken from labelled rows (bounded graph size).
 DATASET_SHARE = 0.1  # public datasets' total training weight, relative to the policy's rows
+# Prototypes per category taken from labelled rows (bounded graph size).
 MAX_PACK_POS = 150
 MAX_PACK_NEG = 150
 MAX_SHARED_NEG = 100

@@ -69,6 +69,15 @@ class KafkaSettings(_Group):
     session_timeout_s: float = Field(default=10.0, gt=0)
     heartbeat_interval_s: float = Field(default=3.0, gt=0)
     max_event_bytes: int = Field(default=1_000_000, gt=0, description="larger values are DLQ'd")
+    fetch_max_wait_ms: int = Field(
+        default=10,
+        ge=1,
+        le=30_000,
+        description="how long the broker may hold a fetch with nothing to return; Tansu "
+        "answers after up to half of it even when a record arrives meanwhile, so this bounds "
+        "the consume latency there; a broker that answers as records arrive (Apache Kafka, "
+        "Redpanda) can take 500 (fewer idle requests, same latency)",
+    )
     topics: TopicSettings = TopicSettings()
 
 

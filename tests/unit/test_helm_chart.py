@@ -47,6 +47,7 @@ CHART_DECIDED: dict[tuple[str, ...], Any] = {
     ("review", "console_host"): "0.0.0.0",
     ("review", "require_reviewer_header"): True,
     ("triton", "url"): None,
+    ("kafka", "fetch_max_wait_ms"): 500,
 }
 # The Faust workers: Deployment suffix -> CLI command.
 WORKERS = {"fast-worker": "serve", "reasoning-worker": "reason", "review-worker": "review-worker"}

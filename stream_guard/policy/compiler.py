@@ -25,6 +25,7 @@ score like image signals. The category score is the maximum of the three.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -181,19 +182,34 @@ class _Public:
     folds: np.ndarray
 
 
-def _public_rows(policy: Policy) -> list[PackRow]:
+def _public_rows(policy: Policy, *, warn: bool = True) -> list[PackRow]:
+    """The train and calib rows of the policy's datasets; ``warn``: log each one missing here
+    (the compile does; listing the texts to embed beforehand does not say it again)."""
     rows = []
     for ref in policy.datasets:
         if not ref.available or ref.path is None:
-            log.warning(
-                "dataset %s is not on this machine (set %s): the head is compiled without it",
-                ref.name,
-                DATASETS_ENV,
-            )
+            if warn:
+                log.warning(
+                    "dataset %s is not on this machine (set %s): the head is compiled without it",
+                    ref.name,
+                    DATASETS_ENV,
+                )
             continue
-        read = dataset_rows(ref.name, Path(ref.path), ref.labels)
-        rows += [r for r in read if r.split != "heldout"]
+        path = Path(ref.path)
+        stat = path.stat()
+        labels = tuple(sorted((k, tuple(v)) for k, v in ref.labels.items()))
+        rows += _trained_rows(ref.name, str(path), stat.st_mtime_ns, stat.st_size, labels)
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_rows(
+    name: str, path: str, mtime_ns: int, size: int, labels: tuple[tuple[str, tuple[str, ...]], ...]
+) -> tuple[PackRow, ...]:
+    """One read of a dataset file per compile (listing texts, then fitting), keyed by the file's
+    stamp so that a changed file is read again."""
+    read = dataset_rows(name, Path(path), {k: list(v) for k, v in labels})
+    return tuple(r for r in read if r.split != "heldout")
 
 
 def _public(policy: Policy, embed: Embed, n_sig: int) -> _Public | None:
@@ -482,5 +498,5 @@ def head_texts(policy: Policy, *, use_pack: bool = True) -> list[str]:
         pack = load_pack(Path(policy.pack), policy.codes)
         texts += [r.text for r in pack.rows if r.split != "heldout"]
     if use_pack:
-        texts += [r.text for r in _public_rows(policy)]
+        texts += [r.text for r in _public_rows(policy, warn=False)]
     return list(dict.fromkeys(texts + _background()))

@@ -84,6 +84,32 @@ def test_a_missing_dataset_changes_the_version_and_the_compiler_says_so(tmp_path
     assert "dataset davidson is not on this machine" in caplog.text
 
 
+def test_one_compile_reads_each_dataset_once_and_says_a_missing_one_once(
+    tmp_path, caplog, monkeypatch
+):
+    path = tmp_path / "d.csv"
+    _write_csv(path)
+    policy = parse_policy(POLICY % "d.csv", base=tmp_path)
+    reads = []
+    real = compiler.dataset_rows
+    monkeypatch.setattr(compiler, "dataset_rows", lambda *a: reads.append(a) or real(*a))
+    compiler._trained_rows.cache_clear()
+    texts = head_texts(policy)  # what heads.py does: list the texts, embed, then compile
+    compile_head(policy, _embed())
+    assert len(reads) == 1
+    assert any(t.startswith("invented post") for t in texts)  # listed without a second read
+
+    _write_csv(path, n=330)  # a changed file is read again
+    compile_head(parse_policy(POLICY % "d.csv", base=tmp_path), _embed())
+    assert len(reads) == 2
+
+    without = parse_policy(POLICY % "absent.csv", base=tmp_path)
+    caplog.clear()
+    head_texts(without)
+    compile_head(without, _embed())
+    assert caplog.text.count("dataset davidson is not on this machine") == 1
+
+
 def test_the_environment_variable_is_the_only_place_looked_at(tmp_path, monkeypatch):
     (tmp_path / "davidson").mkdir()
     _write_csv(tmp_path / "davidson" / "labeled_data.csv")

@@ -70,7 +70,7 @@ class KafkaSettings(_Group):
     heartbeat_interval_s: float = Field(default=3.0, gt=0)
     max_event_bytes: int = Field(default=1_000_000, gt=0, description="larger values are DLQ'd")
     fetch_max_wait_ms: int = Field(
-        default=10,
+        default=25,
         ge=1,
         le=30_000,
         description="how long the broker may hold a fetch with nothing to return; Tansu "

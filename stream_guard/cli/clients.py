@@ -47,20 +47,6 @@ async def start_kafka_client(client: Any, kafka: KafkaSettings) -> None:
 
 
 def s3_client(s3: S3Settings) -> Any:
-    import boto3
-    from botocore.config import Config
+    from stream_guard.media.storage import s3_client as client  # boto3 only when needed
 
-    verify: bool | str = str(s3.ca_bundle) if s3.ca_bundle else s3.verify_tls
-    return boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key_id,
-        aws_secret_access_key=(
-            s3.secret_access_key.get_secret_value() if s3.secret_access_key else None
-        ),
-        verify=verify,
-        config=Config(
-            connect_timeout=s3.timeout_s, read_timeout=s3.timeout_s, retries={"max_attempts": 2}
-        ),
-    )
+    return client(s3)

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import boto3
@@ -179,32 +180,38 @@ class SignedGet:
                 raw.close()
 
 
+def s3_client(settings: S3Settings, session: boto3.session.Session | None = None) -> Any:
+    """The boto3 S3 client every part of stream-guard uses (worker fetches, CLI, label store):
+    endpoint, region, the configured key (else the default credential chain), TLS verification,
+    timeouts, two attempts in standard retry mode, a pool as large as the fetch concurrency."""
+    secret = settings.secret_access_key
+    return (session or boto3.session.Session()).client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        verify=str(settings.ca_bundle) if settings.ca_bundle else settings.verify_tls,
+        config=Config(
+            connect_timeout=settings.timeout_s,
+            read_timeout=settings.timeout_s,
+            retries={"max_attempts": 2, "mode": "standard"},
+            max_pool_connections=settings.max_concurrency,
+        ),
+    )
+
+
 class ObjectStore:
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
         self._pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="s3")
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         session = boto3.session.Session()
-        secret = (
-            settings.secret_access_key.get_secret_value() if settings.secret_access_key else None
-        )
-        self._client = session.client(
-            "s3",
-            endpoint_url=settings.endpoint_url,
-            region_name=settings.region,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=secret,
-            verify=str(settings.ca_bundle) if settings.ca_bundle else settings.verify_tls,
-            config=Config(
-                connect_timeout=settings.timeout_s,
-                read_timeout=settings.timeout_s,
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=settings.max_concurrency,
-            ),
-        )
+        self._client = s3_client(settings, session)
         # The client's own credentials: the configured key, else the default chain.
+        secret = settings.secret_access_key
         credentials = (
-            Credentials(settings.access_key_id, secret or "")
+            Credentials(settings.access_key_id, secret.get_secret_value() if secret else "")
             if settings.access_key_id
             else session.get_credentials()
         )

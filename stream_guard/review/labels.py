@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stream_guard.errors import ConfigError, DependencyUnavailable
@@ -136,23 +135,9 @@ def open_label_store(spec: str, s3: S3Settings) -> LabelStore:
         bucket, _, prefix = spec[5:].partition("/")
         if not bucket:
             raise ConfigError(f"review.manifest {spec!r}: expected s3://bucket/prefix")
-        import boto3
+        from stream_guard.media.storage import s3_client
 
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=s3.endpoint_url,
-            region_name=s3.region,
-            aws_access_key_id=s3.access_key_id,
-            aws_secret_access_key=(
-                s3.secret_access_key.get_secret_value() if s3.secret_access_key else None
-            ),
-            verify=str(s3.ca_bundle) if s3.ca_bundle else s3.verify_tls,
-            config=Config(
-                connect_timeout=s3.timeout_s,
-                read_timeout=s3.timeout_s,
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
-        )
+        client = s3_client(s3)
         return S3Labels(client, bucket, prefix)
     if "://" in spec:
         raise ConfigError(f"review.manifest {spec!r}: use a local folder or s3://bucket/prefix")

@@ -1052,6 +1052,7 @@ def test_alerts_use_metrics_the_workers_export(chart):
     from prometheus_client import REGISTRY
 
     import stream_guard.observability  # noqa: F401  (registers the collectors)
+    import stream_guard.review.console  # noqa: F401  (the review queue's gauge)
 
     exported = set()
     for family in REGISTRY.collect():
@@ -1080,6 +1081,8 @@ def test_alerts_use_metrics_the_workers_export(chart):
         "metrics",
         "http-console",
     }
+    backlog = alerts["StreamGuardReviewBacklogHigh"]["expr"]
+    assert "stream_guard_review_queue_pending" in backlog and f"{FULLNAME}-review-console" in backlog
     down = alerts["StreamGuardTargetDown"]["expr"]
     for name in (*WORKERS, "review-console"):
         assert f"{FULLNAME}-{name}" in down, name

@@ -298,25 +298,43 @@ class Health:
     """What the probes report. ``live`` fails when work is waiting (``waiting()`` true), no
     batch has finished for ``stall_after_s`` and no dependency is known to be down: Kubernetes
     then restarts a wedged worker. A worker waiting out a dependency's outage stays live (and
-    unready): restarting it would not bring the dependency back."""
+    unready): restarting it would not bring the dependency back.
+
+    Two kinds of "down": ``failing`` is what the last probe or call found (a probe that
+    succeeds clears it), ``held`` counts records waiting on a dependency only they need (an
+    upload whose bucket is missing while the store answers the probe). A held dependency stays
+    down until its records finish, so a worker waiting for one bucket is reported as waiting
+    for S3, not as stalled and restarted over and over."""
 
     stall_after_s: float
     waiting: Callable[[], bool] = lambda: False
     ready: bool = False
     failing: set[str] = field(default_factory=set)
+    held: dict[str, int] = field(default_factory=dict)
     last_progress: float = field(default_factory=time.monotonic)
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
 
+    def hold(self, dependency: str, records: int) -> None:
+        """``records`` more (negative: fewer) records wait on ``dependency``."""
+        left = self.held.get(dependency, 0) + records
+        if left > 0:
+            self.held[dependency] = left
+        else:
+            self.held.pop(dependency, None)
+
+    def down(self) -> set[str]:
+        return self.failing | set(self.held)
+
     def stalled_for(self) -> float:
         return time.monotonic() - self.last_progress if self.waiting() else 0.0
 
     def live(self) -> bool:
-        return bool(self.failing) or self.stalled_for() < self.stall_after_s
+        return bool(self.down()) or self.stalled_for() < self.stall_after_s
 
     def is_ready(self) -> bool:
-        return self.ready and not self.failing and self.live()
+        return self.ready and not self.down() and self.live()
 
     def publish_metrics(self) -> None:
         obs.READY.set(1 if self.is_ready() else 0)
@@ -347,7 +365,7 @@ def create_app(
     @app.page("/readyz")
     async def readyz(web, request):  # type: ignore[no-untyped-def]
         ok = health.is_ready()
-        failing = sorted(health.failing | (set() if health.live() else {"progress"}))
+        failing = sorted(health.down() | (set() if health.live() else {"progress"}))
         return web.json({"ready": ok, "failing": failing}, status=200 if ok else 503)
 
     @app.page("/metrics")

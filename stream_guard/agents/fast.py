@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import faust
@@ -220,6 +221,7 @@ class FastWorker:
     async def _handle(self, events: list[Any]) -> None:
         obs.IN_FLIGHT.inc()
         slot = True
+        held: Counter[str] = Counter()  # dependencies this batch's deferred records wait on
         try:
             await self._started.wait()
             records = [record_of(e) for e in events]
@@ -242,7 +244,10 @@ class FastWorker:
                 while True:
                     results = await self._process_with_retry(records)
                     await self._finish(records, events, results)
+                    self._hold(held, -1)
                     waiting = [n for n, r in enumerate(results) if isinstance(r, Deferred)]
+                    held = Counter(_dependency(results[n]) for n in waiting)
+                    self._hold(held, +1)  # until they finish (the probe cannot clear it)
                     if not waiting:
                         break
                     if slot:  # the rest of the batch is done: let the next batch start
@@ -252,6 +257,7 @@ class FastWorker:
                     events = [events[n] for n in waiting]
                     await self._wait_deferred([results[n] for n in waiting], next(delays))
         finally:
+            self._hold(held, -1)
             obs.IN_FLIGHT.dec()
             obs.UNACKED.set(self.acks.pending() if self.acks else 0)
             if slot:
@@ -273,9 +279,12 @@ class FastWorker:
         if self.shadow is not None:  # shadow policy hook (issue 16): after the acks
             self.shadow.submit([records[n] for n in done], finished)
 
+    def _hold(self, held: Counter[str], sign: int) -> None:
+        for dep, records in held.items():
+            self.health.hold(dep, sign * records)
+
     async def _wait_deferred(self, deferred: list[Deferred], delay: float) -> None:
-        dep = getattr(deferred[0].error, "dependency", "unknown")
-        self.health.failing.add(dep)
+        dep = _dependency(deferred[0])
         obs.RETRIES.labels(dep).inc()
         log.warning(
             "%d record(s) from %s: %s; retrying them in %.1fs, the rest of the batch went on",
@@ -410,3 +419,7 @@ class FastWorker:
 
 def create_worker(settings: Settings | None = None) -> FastWorker:
     return FastWorker(settings or Settings())
+
+
+def _dependency(deferred: Deferred) -> str:
+    return getattr(deferred.error, "dependency", "unknown")

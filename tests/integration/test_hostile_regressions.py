@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -155,8 +156,12 @@ def test_a_record_waiting_for_its_bucket_does_not_hold_the_rest_of_its_batch(
         **worker_env,
         "STREAM_GUARD_S3__ALLOWED_BUCKETS": json.dumps(["uploads", bucket]),
         "STREAM_GUARD_BATCH__MAX_IN_FLIGHT": "1",
+        "STREAM_GUARD_BATCH__STALL_AFTER_S": "3",
+        # Retries of the waiting record further apart than the readiness probe (every 2 s),
+        # which finds the store itself reachable and must not clear what the record waits on.
+        "STREAM_GUARD_RETRY__MAX_BACKOFF_S": "4",
     }
-    start_worker(env)
+    worker, port = start_worker(env)
     others = [(f"with-{n}".encode(), upload(f"with-{n}", f"photo {n}")) for n in range(6)]
     stuck = (b"waits", upload("waits", "our trip", images=[f"s3://{bucket}/a.jpg"]))
     (stuck_offset, *_) = _publish(stack.bootstrap, topics.uploads, [stuck, *others], partition=0)
@@ -165,12 +170,29 @@ def test_a_record_waiting_for_its_bucket_does_not_hold_the_rest_of_its_batch(
     committed = _committed(stack.bootstrap, topics.group, topics.uploads, 0)
     assert committed is None or committed <= stuck_offset, (committed, stuck_offset)
 
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="a.jpg", Body=landscape(0))
+    # Past the stall bound, with the store answering its probe: waiting for S3, not wedged.
+    time.sleep(5)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(10):  # across several probe rounds
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 503 and ready.json()["failing"] == ["s3"], ready.text
+        time.sleep(0.5)
+
+    # The bucket and its object appear together for the worker: a retry between the two
+    # would find the key missing (permanent, as it should be) and dead-letter the upload.
+    os.kill(worker.popen.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # a GET already sent is answered before the bucket exists
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="a.jpg", Body=landscape(0))
+    finally:
+        os.kill(worker.popen.pid, signal.SIGCONT)
     verdicts = read(stack.bootstrap, topics.verdicts, len(others) + 1, timeout=90, settle=2)
     keys = [r.key for r in verdicts]
     assert sorted(keys) == sorted([b"waits", *(k for k, _ in others)]), "one verdict each"
     assert not read(stack.bootstrap, topics.dlq, 0, timeout=2), "nothing dead-lettered"
+    assert httpx.get(f"{base}/readyz").status_code == 200, "ready again once it finished"
 
 
 def test_a_read_only_worker_serves_only_a_head_compiled_from_its_exact_policy(

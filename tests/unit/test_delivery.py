@@ -78,6 +78,26 @@ def test_liveness_fails_only_when_work_waits_without_progress():
     assert h.live() and h.is_ready()
 
 
+def test_records_waiting_on_a_dependency_keep_it_down_until_they_finish():
+    """A record waiting for its own bucket while the store answers the probe: the probe clears
+    ``failing``, but the held dependency keeps the worker live (waiting, not wedged) and
+    unready, naming it, until the records finish."""
+    h = Health(stall_after_s=0.05, waiting=lambda: True)
+    h.ready = True
+    h.hold("s3", 2)
+    h.failing.discard("s3")  # what a successful probe does
+    time.sleep(0.1)
+    assert h.live() and not h.is_ready() and h.down() == {"s3"}
+    h.hold("s3", 1)  # another batch's record waits on it too
+    h.hold("s3", -2)
+    assert h.down() == {"s3"}, "one record still waits"
+    h.hold("s3", -1)
+    assert h.held == {} and h.down() == set()
+    assert not h.live(), "nothing held, nothing finished: stalled again"
+    h.progressed()
+    assert h.live() and h.is_ready()
+
+
 async def test_byte_budget_bounds_reservations_and_lets_an_oversized_one_run_alone():
     budget = ByteBudget(100)
     order: list[str] = []

@@ -1082,7 +1082,8 @@ def test_alerts_use_metrics_the_workers_export(chart):
         "http-console",
     }
     backlog = alerts["StreamGuardReviewBacklogHigh"]["expr"]
-    assert "stream_guard_review_queue_pending" in backlog and f"{FULLNAME}-review-console" in backlog
+    assert "stream_guard_review_queue_pending" in backlog
+    assert f"{FULLNAME}-review-console" in backlog
     down = alerts["StreamGuardTargetDown"]["expr"]
     for name in (*WORKERS, "review-console"):
         assert f"{FULLNAME}-{name}" in down, name

@@ -303,8 +303,10 @@ class Health:
     Two kinds of "down": ``failing`` is what the last probe or call found (a probe that
     succeeds clears it), ``held`` counts records waiting on a dependency only they need (an
     upload whose bucket is missing while the store answers the probe). A held dependency stays
-    down until its records finish, so a worker waiting for one bucket is reported as waiting
-    for S3, not as stalled and restarted over and over."""
+    down for readiness until its records finish. It does not excuse a stall: the worker leaves
+    the work that only waits for held records out of ``waiting()`` instead, so one upload
+    waiting for its bucket neither makes the worker look wedged nor hides a real wedge of the
+    rest of its work."""
 
     stall_after_s: float
     waiting: Callable[[], bool] = lambda: False
@@ -319,6 +321,8 @@ class Health:
     def hold(self, dependency: str, records: int) -> None:
         """``records`` more (negative: fewer) records wait on ``dependency``."""
         left = self.held.get(dependency, 0) + records
+        if left < 0:  # a release without its hold: a bug, never a reason to hide another's
+            log.error("released %d records held on %s more than were held", -left, dependency)
         if left > 0:
             self.held[dependency] = left
         else:
@@ -331,7 +335,7 @@ class Health:
         return time.monotonic() - self.last_progress if self.waiting() else 0.0
 
     def live(self) -> bool:
-        return bool(self.down()) or self.stalled_for() < self.stall_after_s
+        return bool(self.failing) or self.stalled_for() < self.stall_after_s
 
     def is_ready(self) -> bool:
         return self.ready and not self.down() and self.live()

@@ -88,6 +88,7 @@ class FastWorker:
         self.in_flight = asyncio.Semaphore(settings.batch.max_in_flight)
         self.max_unacked = settings.batch.max_size * settings.batch.max_in_flight * 20
         self.tasks: set[asyncio.Task] = set()
+        self.deferring: set[asyncio.Task] = set()  # batches left with deferred records only
         self.stopping = False
         self._register()
 
@@ -98,10 +99,18 @@ class FastWorker:
 
     @property
     def failing(self) -> set[str]:
-        return self.health.failing
+        return self.health.down()
 
     def _work_waiting(self) -> bool:
-        return bool(self.tasks) or bool(self.window and self.window.pending())
+        """Work that should be making progress: batches other than those only waiting for
+        deferred records, and queued events, unless intake is stopped by the unacked bound
+        because deferred records hold back the acks behind them."""
+        if any(task not in self.deferring for task in self.tasks):
+            return True
+        if not (self.window and self.window.pending()):
+            return False
+        blocked = self.acks is not None and self.acks.pending() > self.max_unacked
+        return not (blocked and self.health.held)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -213,6 +222,7 @@ class FastWorker:
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
+        self.deferring.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # _handle turns every error into a dead letter; reaching this is a bug. The events
             # stay unacked (nothing later of their partitions commits) and liveness reports it.
@@ -253,6 +263,8 @@ class FastWorker:
                     if slot:  # the rest of the batch is done: let the next batch start
                         slot = False
                         self.in_flight.release()
+                        if (task := asyncio.current_task()) is not None:
+                            self.deferring.add(task)
                     records = [records[n] for n in waiting]
                     events = [events[n] for n in waiting]
                     await self._wait_deferred([results[n] for n in waiting], next(delays))

@@ -183,7 +183,9 @@ class SignedGet:
 def s3_client(settings: S3Settings, session: boto3.session.Session | None = None) -> Any:
     """The boto3 S3 client every part of stream-guard uses (worker fetches, CLI, label store):
     endpoint, region, the configured key (else the default credential chain), TLS verification,
-    timeouts, two attempts in standard retry mode, a pool as large as the fetch concurrency."""
+    timeouts, two retries (three attempts) in standard retry mode, a connection pool as large as
+    the fetch concurrency and never under boto3's default of 10 (the CLI's uploads use that
+    many threads)."""
     secret = settings.secret_access_key
     return (session or boto3.session.Session()).client(
         "s3",
@@ -196,7 +198,7 @@ def s3_client(settings: S3Settings, session: boto3.session.Session | None = None
             connect_timeout=settings.timeout_s,
             read_timeout=settings.timeout_s,
             retries={"max_attempts": 2, "mode": "standard"},
-            max_pool_connections=settings.max_concurrency,
+            max_pool_connections=max(settings.max_concurrency, 10),
         ),
     )
 

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from stream_guard.errors import PolicyError
-from stream_guard.policy.datasets import DATASETS_ENV, dataset_rows
+from stream_guard.policy.datasets import DATASETS_ENV, dataset_rows, file_digest
 from stream_guard.policy.head_graph import (
     Bank,
     HeadParams,
@@ -196,18 +196,19 @@ def _public_rows(policy: Policy, *, warn: bool = True) -> list[PackRow]:
                 )
             continue
         path = Path(ref.path)
-        stat = path.stat()
         labels = tuple(sorted((k, tuple(v)) for k, v in ref.labels.items()))
-        rows += _trained_rows(ref.name, str(path), stat.st_mtime_ns, stat.st_size, labels)
+        sha = ref.digest or file_digest(path)  # the policy's version is built from the same
+        rows += _trained_rows(ref.name, str(path), sha, labels)
     return rows
 
 
 @functools.lru_cache(maxsize=4)
 def _trained_rows(
-    name: str, path: str, mtime_ns: int, size: int, labels: tuple[tuple[str, tuple[str, ...]], ...]
+    name: str, path: str, sha: str, labels: tuple[tuple[str, tuple[str, ...]], ...]
 ) -> tuple[PackRow, ...]:
-    """One read of a dataset file per compile (listing texts, then fitting), keyed by the file's
-    stamp so that a changed file is read again."""
+    """One read of a dataset file per compile (listing texts, then fitting), keyed by the
+    file's content digest, the one the policy's version carries: changed content is read
+    again."""
     read = dataset_rows(name, Path(path), {k: list(v) for k, v in labels})
     return tuple(r for r in read if r.split != "heldout")
 

@@ -73,6 +73,7 @@ class DatasetRef(_Strict):
         "$STREAM_GUARD_DATASETS/<name>/..., then ../shared/datasets of a source checkout)",
     )
     available: bool = Field(default=False, description="set when the policy is loaded")
+    digest: str = Field(default="", description="set when the policy is loaded: the file's SHA-256")
 
     @model_validator(mode="after")
     def _known(self) -> DatasetRef:
@@ -337,9 +338,14 @@ def _resolve_datasets(policy: Policy, base: Path | None) -> Policy:
     refs = []
     for ref in policy.datasets:
         found = dataset_file(ref.name, ref.path, base)
-        digest.update(f"{ref.name}:{file_digest(found) if found else 'absent'}".encode())
+        file_sha = file_digest(found) if found else ""
+        digest.update(f"{ref.name}:{file_sha or 'absent'}".encode())
         path = str(found) if found else ref.path
-        refs.append(ref.model_copy(update={"path": path, "available": found is not None}))
+        refs.append(
+            ref.model_copy(
+                update={"path": path, "available": found is not None, "digest": file_sha}
+            )
+        )
     return policy.model_copy(update={"datasets": refs, "digest": digest.hexdigest()})
 
 

@@ -160,6 +160,9 @@ def test_a_record_waiting_for_its_bucket_does_not_hold_the_rest_of_its_batch(
         # Retries of the waiting record further apart than the readiness probe (every 2 s),
         # which finds the store itself reachable and must not clear what the record waits on.
         "STREAM_GUARD_RETRY__MAX_BACKOFF_S": "4",
+        # The worker is stopped for a moment below: no rebalance meanwhile on a slow runner.
+        "STREAM_GUARD_KAFKA__SESSION_TIMEOUT_S": "10",
+        "STREAM_GUARD_KAFKA__HEARTBEAT_INTERVAL_S": "1",
     }
     worker, port = start_worker(env)
     others = [(f"with-{n}".encode(), upload(f"with-{n}", f"photo {n}")) for n in range(6)]

@@ -99,7 +99,7 @@ def test_one_compile_reads_each_dataset_once_and_says_a_missing_one_once(
     assert len(reads) == 1
     assert any(t.startswith("invented post") for t in texts)  # listed without a second read
 
-    _write_csv(path, n=330)  # a changed file is read again
+    _write_csv(path, n=330)  # a changed file is read again (its digest, not its stamp)
     compile_head(parse_policy(POLICY % "d.csv", base=tmp_path), _embed())
     assert len(reads) == 2
 

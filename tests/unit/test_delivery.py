@@ -80,22 +80,51 @@ def test_liveness_fails_only_when_work_waits_without_progress():
 
 def test_records_waiting_on_a_dependency_keep_it_down_until_they_finish():
     """A record waiting for its own bucket while the store answers the probe: the probe clears
-    ``failing``, but the held dependency keeps the worker live (waiting, not wedged) and
-    unready, naming it, until the records finish."""
-    h = Health(stall_after_s=0.05, waiting=lambda: True)
+    ``failing``, but the held dependency keeps the worker unready, naming it, until the
+    records finish. It excuses no stall: the worker leaves held-only work out of
+    ``waiting()``, and other work that stops making progress is still a wedge."""
+    busy = {"v": False}
+    h = Health(stall_after_s=0.05, waiting=lambda: busy["v"])
     h.ready = True
     h.hold("s3", 2)
     h.failing.discard("s3")  # what a successful probe does
     time.sleep(0.1)
     assert h.live() and not h.is_ready() and h.down() == {"s3"}
+    busy["v"] = True  # other work waits without progress meanwhile
+    assert not h.live(), "a held record does not hide a wedge"
+    busy["v"] = False
     h.hold("s3", 1)  # another batch's record waits on it too
     h.hold("s3", -2)
     assert h.down() == {"s3"}, "one record still waits"
     h.hold("s3", -1)
-    assert h.held == {} and h.down() == set()
-    assert not h.live(), "nothing held, nothing finished: stalled again"
-    h.progressed()
-    assert h.live() and h.is_ready()
+    assert h.held == {} and h.down() == set() and h.is_ready()
+
+
+def test_work_that_only_waits_for_deferred_records_is_not_a_stall():
+    from types import SimpleNamespace
+
+    from stream_guard.agents.fast import FastWorker
+    from stream_guard.settings import Settings
+
+    worker = FastWorker(Settings())
+    queued = {"n": 0}
+    unacked = {"n": 0}
+    worker.window = SimpleNamespace(pending=lambda: queued["n"])
+    worker.acks = SimpleNamespace(pending=lambda: unacked["n"])
+    deferring, running = object(), object()
+    worker.tasks = {deferring}
+    worker.deferring = {deferring}
+    worker.health.hold("s3", 1)
+    assert not worker._work_waiting(), "only a deferred record waits"
+    worker.tasks.add(running)
+    assert worker._work_waiting(), "another batch is in flight"
+    worker.tasks.discard(running)
+    queued["n"] = 5
+    assert worker._work_waiting(), "events queued while intake is open: they should move"
+    unacked["n"] = worker.max_unacked + 1
+    assert not worker._work_waiting(), "intake stopped by the acks the deferred record holds"
+    worker.health.hold("s3", -1)
+    assert worker._work_waiting(), "the same with nothing held is a wedge"
 
 
 async def test_byte_budget_bounds_reservations_and_lets_an_oversized_one_run_alone():

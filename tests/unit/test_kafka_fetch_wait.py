@@ -9,20 +9,23 @@ from stream_guard.kafka import FETCH_MAX_WAIT_MS, Health, create_app
 from stream_guard.settings import KafkaSettings, Settings
 
 
-def _consumer_wait(kafka: KafkaSettings, app_id: str) -> int:
+async def _consumer_wait(kafka: KafkaSettings, app_id: str) -> int:
     app = create_app(kafka, Settings().telemetry, app_id, Health(stall_after_s=10))
     consumer = app.consumer._thread._create_worker_consumer(app.transport)
-    return consumer._fetch_max_wait_ms
+    try:
+        return consumer._fetch_max_wait_ms
+    finally:
+        await consumer.stop()  # never started: closes nothing, but no unclosed warning
 
 
 async def test_the_worker_consumer_takes_the_configured_fetch_wait():
     kafka = Settings().kafka.model_copy(update={"fetch_max_wait_ms": 37})
-    assert _consumer_wait(kafka, "fetch-wait-37") == 37
+    assert await _consumer_wait(kafka, "fetch-wait-37") == 37
 
 
 async def test_the_default_fetch_wait_is_short():
     assert FETCH_MAX_WAIT_MS == 25
-    assert _consumer_wait(Settings().kafka, "fetch-wait-default") == 25
+    assert await _consumer_wait(Settings().kafka, "fetch-wait-default") == 25
 
 
 @pytest.mark.parametrize("bad", ["0", "-5", "30001", "soon"])

@@ -349,9 +349,13 @@ async def open_late_bucket(cfg: Config, run: Run, s3, bucket: str) -> None:
     if cfg.late_bucket_share <= 0:
         return
     await asyncio.sleep(cfg.late_after)
+    # The objects are rendered first: between the bucket appearing and its objects, a retry
+    # finds the key missing, which is permanent (a dead letter, as it should be). Keep that
+    # window to the puts alone.
+    bodies = [landscape(100 + n, (320, 200)) for n in range(4)]
     s3.create_bucket(Bucket=bucket)
-    for n in range(4):
-        s3.put_object(Bucket=bucket, Key=f"late/{n}.jpg", Body=landscape(100 + n, (320, 200)))
+    for n, body in enumerate(bodies):
+        s3.put_object(Bucket=bucket, Key=f"late/{n}.jpg", Body=body)
     print(f"[{run.elapsed():6.0f}s] bucket {bucket} created: late uploads can proceed", flush=True)
 
 
